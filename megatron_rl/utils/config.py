@@ -100,6 +100,11 @@ def _build(cls, data: dict, prefix: str = ""):
         where = f"`{prefix}`" if prefix else "the top level"
         raise ConfigError(f"unknown config key(s) {', '.join('`' + _join(prefix, u) + '`' for u in unknown)}; "
                           f"known keys in {where}: {', '.join(sorted(fields))}")
+    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"config key(s) {', '.join('`' + _join(prefix, m) + '`' for m in missing)} "
+                          f"required but not given")
     kwargs = {name: _coerce(v, hints[name], _join(prefix, name)) for name, v in data.items()}
     try:
         return cls(**kwargs)

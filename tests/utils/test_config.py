@@ -60,3 +60,14 @@ def test_override_syntax_and_missing_file(tmp_path):
         load_dataclass(Outer, tmp_path / "nope.yaml")
     base = {"inner": {"k": 2}}
     assert apply_overrides(base, ["inner.k=3"]) == {"inner": {"k": 3}} and base == {"inner": {"k": 2}}
+
+
+@dataclass
+class WithRequired:
+    inner: Inner
+    steps: int = 1
+
+
+def test_required_key_is_named():
+    with pytest.raises(ConfigError, match="config key\\(s\\) `inner` required but not given"):
+        load_dataclass(WithRequired, {"steps": 2})

@@ -1,0 +1,200 @@
+"""The RLVR job's configuration: YAML over these dataclasses, validated once at start-up.
+
+    cfg = load_rl_config("examples/tiny_cpu/config.yaml", ["train.steps=5", "loss.mode=cppo"])
+
+Each section validates its own fields (errors name `section.key`); `RLConfig.__post_init__` checks what
+spans sections (a top-K loss needs the engine to return top-K log-probs, ...). Layout checks against the
+model (TP dividing heads, ...) need the model config and run in `check_layout`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from megatron_rl.losses import LossConfig
+from megatron_rl.model_config import ModelConfig
+from megatron_rl.utils.config import load_dataclass
+
+
+def _positive(section, **values):
+    for key, value in values.items():
+        if value < 1:
+            raise ValueError(f"`{section}.{key}` must be >= 1, got {value}")
+
+
+@dataclass
+class ModelSection:
+    checkpoint: str = ""          # a converted Megatron checkpoint dir (`megatron-rl convert hf-to-megatron`)
+    hf_path: str = ""             # or an HF model dir: converted into `<run_dir>/base` before training
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"   # training precision (bf16 = Float16Module + fp32 master)
+
+    def __post_init__(self):
+        if not self.checkpoint and not self.hf_path:
+            raise ValueError("`model.checkpoint` or `model.hf_path` must be set")
+
+
+@dataclass
+class ParallelSection:
+    tensor: int = 1
+    pipeline: int = 1
+    context: int = 1              # data parallel = world size / (tensor * pipeline * context)
+
+    def __post_init__(self):
+        _positive("parallel", tensor=self.tensor, pipeline=self.pipeline, context=self.context)
+
+
+@dataclass
+class RolloutSection:
+    placement: Literal["colocated", "disaggregated"] = "colocated"
+    n_samples: int = 8            # responses per prompt (the GRPO group)
+    temperature: float = 1.0      # both papers sample at T = 1 with no truncation
+    top_p: float = 1.0
+    top_k: int = -1
+    max_prompt_length: int = 256
+    max_response_length: int = 256
+    engine_tensor_parallel: int = 1
+    gpu_memory_utilization: float = 0.5
+    enforce_eager: bool = True
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    max_off_policy_lag: int = 0   # disaggregated: rollout of step k+1 may overlap training of step k
+    weight_sync_bucket_mb: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive("rollout", n_samples=self.n_samples, max_prompt_length=self.max_prompt_length,
+                  max_response_length=self.max_response_length,
+                  engine_tensor_parallel=self.engine_tensor_parallel)
+        if self.temperature <= 0:
+            raise ValueError(f"`rollout.temperature` must be > 0, got {self.temperature}")
+        # algorithms.md Sec. 1: a truncated mu needs the same truncation in the trainer, which we do not
+        # implement, so the ratio would be biased.
+        if self.top_p != 1.0 or self.top_k != -1:
+            raise ValueError("`rollout.top_p` / `rollout.top_k` truncation is not supported: the trainer "
+                             "would need the same truncation or the importance ratio is biased; set "
+                             "top_p: 1.0 and top_k: -1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("`rollout.gpu_memory_utilization` must be in (0, 1]")
+        if self.max_off_policy_lag not in (0, 1):
+            raise ValueError("`rollout.max_off_policy_lag` must be 0 or 1")
+        if self.max_off_policy_lag and self.placement != "disaggregated":
+            raise ValueError("`rollout.max_off_policy_lag` = 1 needs `rollout.placement: disaggregated`")
+
+
+@dataclass
+class DataSection:
+    train_path: str = ""          # JSONL or Parquet
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    on_bad_line: Literal["error", "skip"] = "error"
+    shuffle: bool = True
+    seed: int = 0
+    system_prompt: Optional[str] = None
+
+    def __post_init__(self):
+        if not self.train_path:
+            raise ValueError("`data.train_path` must name a JSONL or Parquet file")
+
+
+@dataclass
+class RewardSection:
+    fn: str = "math"              # math | exact_match | "package.module:function"
+
+
+@dataclass
+class AdvantageSection:
+    estimator: Literal["grpo", "rloo"] = "grpo"
+    std_normalize: bool = False   # off in both papers' scripts
+    drop_uniform_groups: bool = False   # DAPO dynamic sampling
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100              # rollout batches
+    prompts_per_step: int = 32
+    minibatches: int = 1          # optimizer steps per rollout batch
+    micro_batch_tokens: int = 4096    # packing budget per microbatch (whole sequences only)
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    clip_grad: float = 1.0
+    seed: int = 1234
+
+    def __post_init__(self):
+        _positive("train", steps=self.steps, prompts_per_step=self.prompts_per_step,
+                  minibatches=self.minibatches, micro_batch_tokens=self.micro_batch_tokens)
+        if self.lr <= 0:
+            raise ValueError(f"`train.lr` must be > 0, got {self.lr}")
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 50               # steps between checkpoints; 0 = only at the end
+    keep: int = 2                 # newest checkpoints kept
+    resume: bool = True           # continue from the newest checkpoint in the run dir
+    export_hf: bool = True        # write the final policy as an HF checkpoint
+
+    def __post_init__(self):
+        if self.every < 0 or self.keep < 1:
+            raise ValueError("`checkpoint.every` must be >= 0 and `checkpoint.keep` >= 1")
+
+
+@dataclass
+class LoggingSection:
+    tensorboard: bool = True
+    jsonl: bool = True
+    wandb: bool = False
+    wandb_project: str = "megatron_rl"
+    progress: bool = True
+    plot: bool = True
+
+
+@dataclass
+class RLConfig:
+    model: ModelSection
+    data: DataSection
+    run_dir: str = "runs/default"
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    advantage: AdvantageSection = field(default_factory=AdvantageSection)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def __post_init__(self):
+        if self.loss.kl_coef > 0:
+            raise ValueError("`loss.kl_coef` > 0 needs a reference model, which this trainer does not load "
+                             "yet; set loss.kl_coef: 0")
+
+    @property
+    def logprobs_topk(self) -> int:
+        """How many top-K log-probs per token the engine must return (0 = only the sampled token)."""
+        name = self.loss.divergence_name or ""
+        return self.loss.topk if name.startswith("topk") and self.loss.anchor == "rollout" else 0
+
+    def check_layout(self, model: ModelConfig, world_size: int) -> int:
+        """Validate the parallel layout against the model and world size; return the data-parallel size."""
+        p = self.parallel
+        model.check_parallel(p.tensor, p.pipeline)
+        per_replica = p.tensor * p.pipeline * p.context
+        if world_size % per_replica:
+            raise ValueError(f"world size {world_size} is not a multiple of parallel.tensor x parallel.pipeline"
+                             f" x parallel.context = {per_replica}; change the parallel section or the "
+                             f"number of processes")
+        if model.num_attention_heads % self.rollout.engine_tensor_parallel:
+            raise ValueError(f"`rollout.engine_tensor_parallel` = {self.rollout.engine_tensor_parallel} does "
+                             f"not divide num_attention_heads = {model.num_attention_heads}")
+        longest = self.rollout.max_prompt_length + self.rollout.max_response_length
+        if self.train.micro_batch_tokens < longest:
+            raise ValueError(f"`train.micro_batch_tokens` = {self.train.micro_batch_tokens} is smaller than the "
+                             f"longest sequence (max_prompt_length + max_response_length = {longest}); a "
+                             f"sequence is never split across microbatches: raise it")
+        return world_size // per_replica
+
+
+def load_rl_config(path: str | Path | None, overrides: list[str] | None = None) -> RLConfig:
+    return load_dataclass(RLConfig, path, overrides)
