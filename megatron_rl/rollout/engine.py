@@ -108,8 +108,10 @@ class EngineConfig:
             worker_extension_cls=WORKER_EXTENSION, generation_config="vllm",
             enable_prefix_caching=self.enable_prefix_caching,
         )
+        # On CPU vLLM reads this as the share of HOST memory it may reserve, and refuses to start when
+        # less than that is free: always pass it (vLLM's own default, 0.92, fails beside a learner).
+        kw["gpu_memory_utilization"] = self.gpu_memory_utilization
         if cuda:
-            kw["gpu_memory_utilization"] = self.gpu_memory_utilization
             kw["enable_sleep_mode"] = self.enable_sleep_mode
         if self.kv_cache_memory_bytes is not None:
             kw["kv_cache_memory_bytes"] = self.kv_cache_memory_bytes

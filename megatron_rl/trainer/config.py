@@ -55,7 +55,8 @@ class RolloutSection:
     max_prompt_length: int = 256
     max_response_length: int = 256
     engine_tensor_parallel: int = 1
-    gpu_memory_utilization: float = 0.5
+    gpu_memory_utilization: float = 0.5   # on CPU: the share of host memory vLLM may reserve
+    kv_cache_memory_mb: Optional[int] = None   # fixed KV-cache size instead of the utilization share
     enforce_eager: bool = True
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     max_off_policy_lag: int = 0   # disaggregated: rollout of step k+1 may overlap training of step k

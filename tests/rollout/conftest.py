@@ -22,7 +22,7 @@ def engine(tiny_model):
 
     path, _ = tiny_model
     cfg = EngineConfig(model=str(path), dtype="float32", temperature=0.7, n_samples=4, max_response_tokens=16,
-                       max_model_len=256, logprobs_topk=5, seed=0, kv_cache_memory_bytes=64 << 20)
+                       max_model_len=256, logprobs_topk=5, seed=0, kv_cache_memory_bytes=64 << 20, gpu_memory_utilization=0.1)
     eng = RolloutEngine(cfg)
     yield eng
     eng.shutdown()

@@ -1,0 +1,215 @@
+#!/bin/bash
+# Shared SLURM launcher of the recipes (examples/<recipe>/sbatch.sh source it and call launch_recipe).
+#
+#   launch_recipe RECIPE_DIR    plan -> convert (once) -> RL job, one torchrun per node through srun
+#   bash launch.sh node         inside srun: build this node's torchrun command and exec it
+#
+# Settings live in the recipe's config.yaml; the environment only overrides (all optional):
+#   DRY_RUN=1          print the exact command of every node instead of running anything
+#   CONFIG             config file (default RECIPE_DIR/config.yaml)
+#   HF_DIR CKPT_DIR RUN_DIR DATA   -> model.hf_path, model.checkpoint, run_dir, data.train_path
+#   EXTRA_OVERRIDES    more key=value config overrides (space separated; "\ " for a space in a value)
+#   GPUS_PER_NODE (SLURM_GPUS_ON_NODE, else 8)   GPU_MEMORY_GIB (nvidia-smi, else 80)
+#   PLAN_ARGS          extra planner flags (e.g. --recompute full)   SKIP_CONVERT=1
+#   LOG_ROOT (REPO_DIR/logs)  MASTER_PORT  PYTHON (python)  TORCHRUN (torchrun)  SRUN_ARGS  MAX_REQUEUES (10)
+# Dry runs also take the SLURM variables from the environment (SLURM_JOB_ID, SLURM_NNODES,
+# SLURM_JOB_NODELIST, SLURM_RESTART_COUNT), so tests can fake an allocation.
+
+set -euo pipefail
+LAUNCH_LIB=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/launch.sh
+
+say() { printf '%s\n' "$*"; }
+die() { printf 'launch: error: %s\n' "$*" >&2; exit 1; }
+
+# One host per line from a SLURM node list ("gpu[001-003,7],login1"): scontrol when the cluster has it,
+# else the same expansion here (dry runs, tests).
+expand_nodelist() {
+  if [[ -z ${FORCE_NODELIST_PARSER:-} ]] && command -v scontrol >/dev/null 2>&1; then
+    scontrol show hostnames "$1"
+    return
+  fi
+  local list=$1 item="" depth=0 c i
+  local -a items=()
+  for ((i = 0; i < ${#list}; i++)); do   # split on the commas outside brackets
+    c=${list:i:1}
+    case $c in
+      "[") depth=$((depth + 1)); item+=$c ;;
+      "]") depth=$((depth - 1)); item+=$c ;;
+      ",") if ((depth == 0)); then items+=("$item"); item=""; else item+=$c; fi ;;
+      *) item+=$c ;;
+    esac
+  done
+  [[ -n $item ]] && items+=("$item")
+  for item in "${items[@]}"; do _expand_item "$item"; done
+}
+
+_expand_item() {   # one "prefix[ranges]rest" item; rest may hold another bracket group
+  local item=$1 prefix ranges rest r lo hi n
+  if [[ ! $item =~ ^([^[]*)\[([^]]*)\](.*)$ ]]; then
+    printf '%s\n' "$item"
+    return
+  fi
+  prefix=${BASH_REMATCH[1]} ranges=${BASH_REMATCH[2]} rest=${BASH_REMATCH[3]}
+  local -a parts
+  IFS=, read -ra parts <<< "$ranges"
+  for r in "${parts[@]}"; do
+    lo=${r%-*} hi=${r#*-}
+    for ((n = 10#$lo; n <= 10#$hi; n++)); do   # keep the zero padding of the range's first bound
+      _expand_item "$(printf '%s%0*d%s' "$prefix" "${#lo}" "$n" "$rest")"
+    done
+  done
+}
+
+# NODE_CMD = this node's torchrun command for the current step (same function for dry and real runs,
+# so what a dry run prints is what srun executes).
+build_node_cmd() {
+  local rank=$1
+  NODE_CMD=("$TORCHRUN" "--nnodes=$STEP_NNODES" "--nproc-per-node=$STEP_NPROC" "--node-rank=$rank"
+            "--master-addr=$STEP_MASTER" "--master-port=$STEP_PORT" "${STEP_CMD[@]}")
+}
+
+# run_step NAME NNODES NPROC PORT CMD...: CMD under torchrun on the first NNODES nodes of the job.
+run_step() {
+  local name=$1 i
+  STEP_NNODES=$2 STEP_NPROC=$3 STEP_PORT=$4
+  shift 4
+  STEP_CMD=("$@")
+  STEP_HOSTS=("${HOSTS[@]:0:STEP_NNODES}")
+  STEP_MASTER=${STEP_HOSTS[0]}   # rendezvous on the step's first node
+  local nodelist
+  nodelist=$(IFS=,; echo "${STEP_HOSTS[*]}")
+  local -a srun_cmd=(srun "--nodes=$STEP_NNODES" "--ntasks=$STEP_NNODES" --ntasks-per-node=1
+                     "--nodelist=$nodelist" --kill-on-bad-exit=1 "--output=$LOG_DIR/$name.node%n.%N.log")
+  # shellcheck disable=SC2206
+  [[ -n ${SRUN_ARGS:-} ]] && srun_cmd+=($SRUN_ARGS)
+  srun_cmd+=(bash "$LAUNCH_LIB" node)
+  if [[ -n ${DRY_RUN:-} ]]; then
+    say "== step $name: $(printf '%q ' "${srun_cmd[@]}")"
+    for i in "${!STEP_HOSTS[@]}"; do
+      build_node_cmd "$i"
+      say "node $i ${STEP_HOSTS[$i]}: $(printf '%q ' "${NODE_CMD[@]}")"
+    done
+    return
+  fi
+  say "== step $name on $nodelist (logs: $LOG_DIR/$name.node*.log)"
+  STEP_CMD_Q=$(printf '%q ' "${STEP_CMD[@]}") STEP_HOSTS_Q="${STEP_HOSTS[*]}"
+  export STEP_NNODES STEP_NPROC STEP_PORT STEP_MASTER STEP_CMD_Q STEP_HOSTS_Q TORCHRUN
+  # in the background so the requeue trap can run while we wait (bash defers traps during a foreground job)
+  "${srun_cmd[@]}" &
+  wait $!
+}
+
+_node_main() {   # inside srun: one task per node
+  local -a hosts
+  read -ra hosts <<< "$STEP_HOSTS_Q"
+  eval "STEP_CMD=($STEP_CMD_Q)"
+  local rank=${SLURM_NODEID:-0} i
+  for i in "${!hosts[@]}"; do   # the step's own order, whatever SLURM numbers this node in the job
+    [[ ${hosts[$i]} == "${SLURMD_NODENAME:-}" ]] && rank=$i
+  done
+  build_node_cmd "$rank"
+  exec "${NODE_CMD[@]}"
+}
+
+_on_timeout() {   # SIGUSR1 from `#SBATCH --signal=B:USR1@300`: requeue; the loop resumes from its checkpoint
+  if ((RESTART < ${MAX_REQUEUES:-10})); then
+    say "launch: time limit near: requeueing job $JOB_ID (restart $((RESTART + 1)))"
+    scontrol requeue "$JOB_ID"
+  else
+    say "launch: time limit near and MAX_REQUEUES=${MAX_REQUEUES:-10} reached: not requeueing"
+  fi
+  exit 0
+}
+
+launch_recipe() {
+  local recipe_dir=$1
+  REPO_DIR=$(cd "$recipe_dir/../.." && pwd)
+  cd "$REPO_DIR"
+  local config=${CONFIG:-$recipe_dir/config.yaml}
+  PYTHON=${PYTHON:-python} TORCHRUN=${TORCHRUN:-torchrun}
+  [[ -f $config ]] || die "config $config does not exist"
+  if [[ -z ${DRY_RUN:-} && -z ${SLURM_JOB_ID:-} ]]; then
+    die "not inside a SLURM job: submit with sbatch $recipe_dir/sbatch.sh, or set DRY_RUN=1"
+  fi
+  local stated
+  stated=$(sed -n 's/^#SBATCH --nodes=\([0-9]*\).*/\1/p' "$recipe_dir/sbatch.sh" | head -n1)
+  JOB_ID=${SLURM_JOB_ID:-dryrun} RESTART=${SLURM_RESTART_COUNT:-0}
+  local nnodes=${SLURM_NNODES:-${stated:-1}}
+  local nodelist=${SLURM_JOB_NODELIST:-node[1-$nnodes]}
+  mapfile -t HOSTS < <(expand_nodelist "$nodelist")
+  ((${#HOSTS[@]} == nnodes)) || die "SLURM_JOB_NODELIST $nodelist names ${#HOSTS[@]} hosts, SLURM_NNODES is $nnodes"
+  local gpus=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}} mem=${GPU_MEMORY_GIB:-}
+  if [[ -z $mem && -z ${DRY_RUN:-} ]] && command -v nvidia-smi >/dev/null 2>&1; then
+    mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0 | awk '{printf "%.1f", $1 / 1024}')
+  fi
+  mem=${mem:-80}
+  LOG_DIR=${LOG_ROOT:-$REPO_DIR/logs}/$JOB_ID/restart$RESTART
+  local port=${MASTER_PORT:-$((20000 + $(cksum <<< "$JOB_ID" | cut -d' ' -f1) % 20000))}
+
+  local -a overrides=()
+  [[ -n ${HF_DIR:-} ]] && overrides+=("model.hf_path=$HF_DIR")
+  [[ -n ${CKPT_DIR:-} ]] && overrides+=("model.checkpoint=$CKPT_DIR")
+  [[ -n ${RUN_DIR:-} ]] && overrides+=("run_dir=$RUN_DIR")
+  [[ -n ${DATA:-} ]] && overrides+=("data.train_path=$DATA")
+  local -a extra plan_args
+  # shellcheck disable=SC2162  # no -r: a backslash-escaped space stays inside one override ("a=x\ y")
+  read -a extra <<< "${EXTRA_OVERRIDES:-}"
+  read -ra plan_args <<< "${PLAN_ARGS:-}"
+  overrides+=(${extra[@]+"${extra[@]}"})
+
+  say "job $JOB_ID restart $RESTART: $nnodes nodes (${HOSTS[*]}) x $gpus GPUs x $mem GiB; config $config"
+  say "logs: $LOG_DIR"
+  local plan_env
+  if [[ -n ${DRY_RUN:-} ]]; then
+    plan_env=$(mktemp)
+  else
+    mkdir -p "$LOG_DIR"
+    plan_env=$LOG_DIR/plan.env
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+  fi
+  # 1. the planner, on this (batch) host: a layout that cannot fit stops here, before any GPU work
+  local -a plan_cmd=("$PYTHON" -m megatron_rl.trainer.plan --config "$config" --nodes "$nnodes"
+                     --gpus-per-node "$gpus" --gpu-memory "$mem" --emit-env "$plan_env"
+                     ${plan_args[@]+"${plan_args[@]}"} ${overrides[@]+"${overrides[@]}"})
+  say "== plan: $(printf '%q ' "${plan_cmd[@]}")"
+  local rc=0
+  if [[ -n ${DRY_RUN:-} ]]; then
+    "${plan_cmd[@]}" || rc=$?
+  else
+    "${plan_cmd[@]}" | tee "$LOG_DIR/plan.txt" || rc=${PIPESTATUS[0]}
+  fi
+  if ((rc != 0)); then
+    say "launch: the planner refused (exit $rc; 1: the layout does not fit, see above; 2: bad config or" \
+        "arguments): nothing was launched"
+    [[ -n ${DRY_RUN:-} ]] && rm -f "$plan_env"
+    exit 1
+  fi
+  # shellcheck disable=SC1090
+  source "$plan_env"
+  [[ -n ${DRY_RUN:-} ]] && rm -f "$plan_env"
+
+  trap _on_timeout USR1
+  say "requeue: on SIGUSR1 (sent before the time limit) -> scontrol requeue $JOB_ID (at most ${MAX_REQUEUES:-10} times); \
+run dir $PLAN_RUN_DIR, checkpoint.resume=$PLAN_RESUME: the loop continues from its newest checkpoint"
+  [[ $PLAN_RESUME == True ]] || say "warning: checkpoint.resume is false: a requeued job starts over"
+
+  # 2. conversion, once: the output appears atomically, so its metadata file means a finished conversion
+  if [[ -n ${SKIP_CONVERT:-} || -z $PLAN_CKPT_DIR ]]; then
+    say "== step convert: skipped (SKIP_CONVERT set or no model.checkpoint)"
+  elif [[ -f $PLAN_CKPT_DIR/megatron_rl_model.json ]]; then
+    say "== step convert: skipped ($PLAN_CKPT_DIR already holds a converted checkpoint)"
+  else
+    [[ -n $PLAN_HF_DIR ]] || die "model.checkpoint $PLAN_CKPT_DIR does not exist and model.hf_path is empty"
+    [[ -n ${DRY_RUN:-} || -f tools/convert_hf_to_megatron.py ]] || die "tools/convert_hf_to_megatron.py is missing"
+    run_step convert "$PLAN_CONVERT_NODES" "$PLAN_CONVERT_NPROC" "$port" tools/convert_hf_to_megatron.py \
+      --hf-dir "$PLAN_HF_DIR" --out "$PLAN_CKPT_DIR" --tp "$PLAN_TP" --pp "$PLAN_PP"
+  fi
+  # 3. the RL job on every training node
+  run_step train "$PLAN_TRAIN_NODES" "$gpus" "$((port + 1))" -m megatron_rl.trainer.cli train \
+    --config "$config" ${overrides[@]+"${overrides[@]}"}
+}
+
+if [[ ${BASH_SOURCE[0]} == "$0" && ${1:-} == node ]]; then
+  _node_main
+fi
