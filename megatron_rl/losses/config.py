@@ -1,0 +1,171 @@
+"""LossConfig: every knob of the policy losses, validated once at construction.
+
+Defaults are those of docs/algorithms.md (cited per field). Where the spec is silent the papers decide, and
+the field's comment says which paper.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+# Mode names (registered in modes.LOSS_MODES; listed here so the config can validate without importing it).
+MODES = ("ppo", "dual_clip", "dppo_binary_tv", "dppo_binary_kl", "dppo_topk_tv", "dppo_topk_kl",
+         "dppo_exact_tv", "dppo_exact_kl", "cppo", "gspo", "cispo", "pg_is")
+DIVERGENCE_NAMES = ("binary_tv", "binary_kl", "topk_tv", "topk_kl", "exact_tv", "exact_kl")
+# algorithms.md Sec. 3 "Defaults": TV 0.15 (0.20 for MoE / large runs), KL 0.05.
+DEFAULT_DELTA = {"binary_tv": 0.15, "binary_kl": 0.05, "topk_tv": 0.15, "topk_kl": 0.05,
+                 "exact_tv": 0.15, "exact_kl": 0.05}
+# The divergence a `dppo_*` mode is built on.
+DPPO_DIVERGENCE = {f"dppo_{d}": d for d in DIVERGENCE_NAMES}
+ANCHORS = ("rollout", "old")
+LOSS_FORMS = ("reinforce", "surrogate")
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+HORIZONS = ("sequence", "max")
+DELTA_B_MODES = ("fixed", "p90")
+ROLLOUT_CORRECTIONS = ("none", "tis", "icepop")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Typed loss configuration; raises ValueError naming the field and the allowed values."""
+
+    mode: str = "dppo_binary_tv"        # one of MODES; the project's headline method (DPPO Sec. 4.4)
+    anchor: str = "rollout"             # algorithms.md Sec. 1: mu by default (DPPO Sec. 5.2); `old` = pi_old
+    loss_form: str = "reinforce"        # Sec. 2: DPPO Eq. 23 (authors' code); `surrogate` = -A r M
+    loss_agg_mode: str = "seq-mean-token-sum-norm"  # Sec. 5: what both papers' scripts use (Dr. GRPO)
+    tis_cap: Optional[float] = None     # C, Sec. 2: None = infinity (NOT verl's 3.0)
+
+    # ppo / dual_clip (Sec. 2): asymmetric clip-higher; dual-clip bound for A < 0 (Ye et al. 2020 use 3).
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    clip_ratio_c: float = 3.0
+
+    # DPPO / CPPO trust region. delta None = the divergence's default (Sec. 3); delta_low / delta_high
+    # (for A < 0 / A > 0) default to delta (Sec. 2 table).
+    divergence: Optional[str] = None    # cppo: which D (default binary_tv, the authors' code, Sec. 4);
+    #                                     other modes: None, or a D logged as a metric only
+    delta: Optional[float] = None
+    delta_low: Optional[float] = None
+    delta_high: Optional[float] = None
+    topk: int = 20                      # K of the top-K divergences (Sec. 3; vLLM max_logprobs default)
+
+    # CPPO (Sec. 4, CPPO Eq. 8-9, 22)
+    w_min: float = 0.8
+    horizon: str = "max"                # `max` reproduces the paper's runs (verl PR 6731)
+    delta_b_mode: str = "fixed"
+    delta_b: float = 0.015              # fixed prefix-average budget; math.inf allowed (DPPO limit)
+    delta_b_min: float = 0.02           # p90 calibration floor (Eq. 22)
+    cap_mult: float = 2.0               # p90 ceiling = cap_mult * delta_b_min (the paper; verl later 5)
+
+    # GSPO (Zheng et al. 2025, Sec. 5.1): sequence-ratio clip range; GSPO's paper aggregates with
+    # seq-mean-token-mean (set loss_agg_mode yourself: this config does not override it).
+    gspo_eps_low: float = 3e-4
+    gspo_eps_high: float = 4e-4
+
+    # Train-inference corrections against mu when anchor == "old" (Sec. 2). TIS: weight min(pi_old/mu, cap)
+    # (Yao et al. 2025 use cap 2). IcePop: keep pi_old/mu in [icepop_low, icepop_high], else drop the token
+    # (Ring-1T / IcePop: 0.5 and 5).
+    rollout_correction: str = "none"
+    rollout_is_cap: float = 2.0
+    icepop_low: float = 0.5
+    icepop_high: float = 5.0
+
+    # KL to a reference policy (added to the loss, same aggregation) and entropy bonus (subtracted).
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"            # GRPO's choice (Shao et al. 2024)
+    entropy_coef: float = 0.0
+
+    def __post_init__(self):
+        _choice(self, "mode", MODES)
+        _choice(self, "anchor", ANCHORS)
+        _choice(self, "loss_form", LOSS_FORMS)
+        _choice(self, "loss_agg_mode", AGG_MODES)
+        _choice(self, "horizon", HORIZONS)
+        _choice(self, "delta_b_mode", DELTA_B_MODES)
+        _choice(self, "rollout_correction", ROLLOUT_CORRECTIONS)
+        _choice(self, "kl_estimator", KL_ESTIMATORS)
+        if self.divergence is not None:
+            _choice(self, "divergence", DIVERGENCE_NAMES)
+        implied = DPPO_DIVERGENCE.get(self.mode)
+        if implied is not None and self.divergence not in (None, implied):
+            _fail("divergence", self.divergence, f"None or {implied!r} (implied by mode {self.mode!r})")
+
+        _number(self, "tis_cap", lo=0.0, lo_open=True, optional=True)
+        _number(self, "eps_low", lo=0.0, hi=1.0, hi_open=True)
+        _number(self, "eps_high", lo=0.0)
+        _number(self, "clip_ratio_c", lo=1.0, lo_open=True)
+        for name in ("delta", "delta_low", "delta_high"):
+            _number(self, name, lo=0.0, optional=True)
+        if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
+            _fail("topk", self.topk, "an int >= 1")
+        _number(self, "w_min", lo=0.0, lo_open=True, hi=1.0)
+        _number(self, "delta_b", lo=0.0, allow_inf=True)
+        _number(self, "delta_b_min", lo=0.0, lo_open=True)
+        _number(self, "cap_mult", lo=1.0)
+        _number(self, "gspo_eps_low", lo=0.0, hi=1.0, hi_open=True)
+        _number(self, "gspo_eps_high", lo=0.0)
+        _number(self, "rollout_is_cap", lo=0.0, lo_open=True)
+        _number(self, "icepop_low", lo=0.0)
+        _number(self, "icepop_high", lo=self.icepop_low, lo_open=True)
+        _number(self, "kl_coef", lo=0.0)
+        _number(self, "entropy_coef", lo=0.0)
+
+        if self.mode == "cispo":
+            if self.tis_cap is None:
+                _fail("tis_cap", None, "a finite cap C > 0 (cispo is unmasked and relies on the cap)")
+            if self.loss_form != "reinforce":
+                _fail("loss_form", self.loss_form, "'reinforce' (cispo is defined by its detached capped weight)")
+        if self.rollout_correction != "none" and self.anchor != "old":
+            _fail("rollout_correction", self.rollout_correction,
+                  "'none' when anchor='rollout' (the ratio is already against mu); use anchor='old'")
+
+    # ---- resolved values -------------------------------------------------------------------------------
+    @property
+    def divergence_name(self) -> Optional[str]:
+        """The divergence the mode masks on (or logs): dppo_* imply theirs, cppo defaults to binary_tv."""
+        if self.mode in DPPO_DIVERGENCE:
+            return DPPO_DIVERGENCE[self.mode]
+        if self.mode == "cppo":
+            return self.divergence or "binary_tv"
+        return self.divergence
+
+    @property
+    def delta_bounds(self) -> tuple[float, float]:
+        """(delta_low, delta_high): thresholds for A < 0 and A > 0 (algorithms.md Sec. 2 table)."""
+        base = self.delta if self.delta is not None else DEFAULT_DELTA[self.divergence_name or "binary_tv"]
+        low = self.delta_low if self.delta_low is not None else base
+        high = self.delta_high if self.delta_high is not None else base
+        return float(low), float(high)
+
+
+def _fail(name, value, allowed):
+    raise ValueError(f"LossConfig.{name}: got {value!r}; allowed: {allowed}")
+
+
+def _choice(cfg, name, allowed):
+    value = getattr(cfg, name)
+    if value not in allowed:
+        _fail(name, value, ", ".join(repr(a) for a in allowed))
+
+
+def _number(cfg, name, lo=None, hi=None, lo_open=False, hi_open=False, optional=False, allow_inf=False):
+    value = getattr(cfg, name)
+    if value is None and optional:
+        return
+    lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
+    hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
+    allowed = " and ".join(s for s in (lo_s, hi_s) if s) or "a number"
+    allowed = "a finite number " + allowed + (" (inf allowed)" if allow_inf else "") + (" or None" if optional else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        _fail(name, value, allowed)
+    if math.isinf(value) and not (allow_inf and value > 0):
+        _fail(name, value, allowed)
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        _fail(name, value, allowed)
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        _fail(name, value, allowed)
+
+
