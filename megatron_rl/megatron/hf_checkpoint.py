@@ -345,46 +345,63 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: i
         def preflight():
             cfg, meta = read_metadata(ckpt_dir)
             cfg.check_parallel(tp=tp, pp=pp)
-            hf_config = to_hf_config(cfg, meta.get("hf_config"))
-            layout.check_target(out_dir, overwrite, src=ckpt_dir)
             _check_world(tp, pp)
-            return cfg, hf_config, layout.export_plan(cfg, pp, layout.parse_size(max_shard_size))
+            return cfg, meta
 
-        cfg, hf_config, plan = _agree(preflight)
-        dtype = _DTYPES[cfg.dtype]
+        cfg, meta = _agree(preflight)
+        ps = initialize_parallel(tp=tp, pp=pp, model_cfg=cfg)
+        try:
+            model = build(cfg, ps)
+            load_weights(model, ckpt_dir)
+            export_hf(model, cfg, ps, out_dir, Path(ckpt_dir), meta.get("hf_config"), overwrite=overwrite,
+                      max_shard_size=max_shard_size)
+        finally:
+            destroy_parallel()
 
-        def body(tmp: Path):
-            ps = initialize_parallel(tp=tp, pp=pp, model_cfg=cfg)
-            writers = {}
-            try:
-                model = build(cfg, ps)
-                load_weights(model, ckpt_dir)
-                # One writer per pipeline stage: TP rank 0 of the first data-parallel replica.
-                if ps.tp_rank == 0 and ps.dp_rank == 0 and ps.cp_rank == 0:
-                    for f in plan:
-                        if f.stage == ps.pp_rank:
-                            writers[f.name] = SafetensorsWriter(tmp / f.name, [(n, dtype, s) for n, s in f.tensors])
-                file_of = {n: f.name for f in plan for n, _ in f.tensors}
-                for name, tensor in iter_hf_tensors(model, cfg, ps):
-                    if writers:
-                        writers[file_of[name]].write(name, tensor.cpu())
-                    del tensor
-                for w in writers.values():
-                    w.close()
-                if dist.get_rank() == 0:
-                    if len(plan) > 1:
-                        write_index(tmp, [(f.name, [(n, math.prod(s) * dtype.itemsize) for n, s in f.tensors])
-                                          for f in plan])
-                    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-                    copied = layout.copy_side_files(Path(ckpt_dir), tmp)
-                    if "generation_config.json" not in copied:
-                        layout.write_generation_config(tmp, hf_config)
-            finally:
-                for w in writers.values():
-                    w.abort()
-                destroy_parallel()
 
-        _stage_files(body, out_dir)
+def export_hf(model, cfg: ModelConfig, ps: ParallelState, out_dir: str | Path, side_files_from: Path,
+              source_hf_config: dict | None = None, *, overwrite: bool = False,
+              max_shard_size: str | int = "5GB") -> None:
+    """Write a built model (any TP x PP layout, e.g. the trainer's, wrapped or not) as an HF checkpoint:
+    sharded safetensors + index, config.json, generation_config.json, and the tokenizer / side files of
+    `side_files_from`. Streams: each stage's TP rank 0 (first DP / CP replica) writes its own tensors, one
+    at a time, into files whose layout is planned up front. Staged, then renamed: all or nothing.
+    Call on every rank."""
+    def preflight():
+        hf_config = to_hf_config(cfg, source_hf_config)
+        layout.check_target(out_dir, overwrite, src=side_files_from)
+        return hf_config, layout.export_plan(cfg, ps.pp, layout.parse_size(max_shard_size))
+
+    hf_config, plan = _agree(preflight)
+    dtype = _DTYPES[cfg.dtype]
+
+    def body(tmp: Path):
+        writers = {}
+        try:
+            if ps.tp_rank == 0 and ps.dp_rank == 0 and ps.cp_rank == 0:
+                for f in plan:
+                    if f.stage == ps.pp_rank:
+                        writers[f.name] = SafetensorsWriter(tmp / f.name, [(n, dtype, s) for n, s in f.tensors])
+            file_of = {n: f.name for f in plan for n, _ in f.tensors}
+            for name, tensor in iter_hf_tensors(model, cfg, ps):
+                if writers:
+                    writers[file_of[name]].write(name, tensor.cpu().to(dtype))
+                del tensor
+            for w in writers.values():
+                w.close()
+            if dist.get_rank() == 0:
+                if len(plan) > 1:
+                    write_index(tmp, [(f.name, [(n, math.prod(s) * dtype.itemsize) for n, s in f.tensors])
+                                      for f in plan])
+                (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+                copied = layout.copy_side_files(Path(side_files_from), tmp)
+                if "generation_config.json" not in copied:
+                    layout.write_generation_config(tmp, hf_config)
+        finally:
+            for w in writers.values():
+                w.abort()
+
+    _stage_files(body, out_dir)
 
 
 # ------------------------------------------------------------------------------------------- CLIs
