@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from megatron_rl.rollout.types import Rollout, Sample
+from megatron_rl.rollout.weight_sync import DEFAULT_BUCKET_BYTES, sync_weights, verify_weights
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +301,14 @@ class RolloutEngine:
     def collective_rpc(self, method: str, args: tuple = ()) -> list:
         """Call a WeightSyncExtension method on every worker (results by worker rank)."""
         return self.llm.collective_rpc(method, args=args)
+
+    def update_weights(self, named_tensors, max_bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        """Stream (hf_name, tensor) pairs into the engine in bounded buckets (weight_sync.sync_weights)."""
+        return sync_weights(self, named_tensors, max_bucket_bytes=max_bucket_bytes)
+
+    def verify_weights(self, named_tensors, atol: float = 0.0):
+        """Compare the engine's weights with (hf_name, tensor) pairs (weight_sync.verify_weights)."""
+        return verify_weights(self, named_tensors, atol=atol)
 
     def reset_prefix_cache(self) -> None:
         # KV blocks cached under old weights would otherwise be reused after a weight sync

@@ -1,0 +1,300 @@
+"""The RLVR actor-learner loop: vLLM generates, Megatron learns with DPPO / CPPO.
+
+One step (colocated placement, every rank runs this function; the engine lives on global rank 0):
+
+    generate   rank 0 samples n responses per prompt with mu's log-probs (and top-K when the loss needs it)
+    reward     rank 0 scores them (a failing verifier scores 0 and is counted) and computes advantages
+    train      every rank takes its DP share; `minibatches` optimizer steps; anchor = mu (or pi_old)
+    sync       the learner's weights stream to the engine in HF layout, bounded buckets
+    log        metrics of algorithms.md Sec. 7 to JSONL / TensorBoard / W&B; checkpoint every N steps
+
+Resume: the newest complete checkpoint under run_dir/checkpoints (model, optimizer, RNG, counters, data
+position) is loaded and the engine re-synced, so a restarted run continues with the same data order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_rl.megatron.hf_checkpoint import export_hf, hf_to_megatron
+from megatron_rl.rewards.base import SafeReward
+from megatron_rl.rollout.engine import EngineConfig, RolloutEngine
+from megatron_rl.rollout.mismatch import logprob_mismatch
+from megatron_rl.trainer.advantages import AdvantageConfig, compute_advantages
+from megatron_rl.trainer.config import RLConfig, load_rl_config
+from megatron_rl.trainer.data import DataConfig, PromptDataset, PromptLoader
+from megatron_rl.trainer.learner import (Learner, broadcast_object, build_learner, hf_weights, init_world,
+                                         policy_logprobs, rollout_to_samples)
+from megatron_rl.utils.config import to_dict
+from megatron_rl.utils.tracking import PhaseTimer, Tracker
+
+log = logging.getLogger("megatron_rl")
+
+
+def train(cfg: RLConfig) -> list[dict]:
+    rank, world = init_world()
+    run_dir = Path(cfg.run_dir)
+    base_ckpt, hf_dir = prepare_model(cfg, run_dir)
+    learner = build_learner(cfg, base_ckpt)
+    tokenizer = _tokenizer(hf_dir)
+    loader = PromptLoader(PromptDataset(_data_config(cfg), tokenizer), cfg.train.prompts_per_step)
+    start = resume(cfg, learner, loader, run_dir / "checkpoints")
+    engine = RolloutEngine(_engine_config(cfg, hf_dir)) if rank == 0 else None
+    tracker = Tracker(run_dir, cfg.train.steps, **_tracking(cfg)) if rank == 0 else None
+    reward_fn = SafeReward.from_spec(cfg.reward.fn)
+    if start > 0:
+        sync(learner, engine, verify=True)   # the engine started from the base weights
+
+    for step in range(start, cfg.train.steps):
+        timer, metrics = PhaseTimer(), {}
+        with timer("generate", tracker, step):
+            records = loader.next_batch()
+            rollout = engine.generate([r.prompt_ids for r in records], prompt_indices=[r.index for r in records],
+                                      step=step, infos=[{"answer": r.answer} for r in records]) if engine else None
+        with timer("reward", tracker, step):
+            samples = score(cfg, rollout, reward_fn, metrics) if rank == 0 else None
+            samples = broadcast_object(samples, src=0)
+            if rank == 0:
+                record_rollout(run_dir, step, records, rollout)
+        with timer("train", tracker, step):
+            metrics.update(learn(cfg, learner, samples, first_step=step == start))
+        with timer("sync", tracker, step):
+            metrics.update(sync(learner, engine, verify=step == start))
+        if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.steps:
+            checkpoint(cfg, learner, loader, step + 1, run_dir / "checkpoints")
+        if tracker:
+            metrics.update(timer.metrics())
+            metrics["throughput/tokens_per_second"] = metrics.get("rollout/response_tokens", 0) / max(
+                metrics["time/step"], 1e-9)
+            tracker.log(step, metrics)
+
+    history = tracker.history if tracker else []
+    if cfg.checkpoint.export_hf:
+        export(learner, run_dir / "hf_final", hf_dir)
+    if tracker:
+        tracker.plot()
+        tracker.close()
+    if engine:
+        engine.shutdown()
+    return history
+
+
+# ---- phases ------------------------------------------------------------------------------------------------
+
+def score(cfg: RLConfig, rollout, reward_fn: SafeReward, metrics: dict) -> list[dict]:
+    """Rewards, advantages (dropping constant groups if configured), and the per-token training samples."""
+    errors_before = reward_fn.errors
+    rollout.set_rewards([reward_fn(s.response_text, s.info.get("answer")) for s in rollout.samples])
+    rewards = rollout.rewards
+    adv = compute_advantages(rewards, rollout.group_ids, AdvantageConfig(
+        estimator=cfg.advantage.estimator, std_normalize=cfg.advantage.std_normalize,
+        drop_uniform_groups=cfg.advantage.drop_uniform_groups))
+    metrics.update(rollout.stats)
+    metrics.update(adv.metrics())
+    metrics.update({"reward/mean": float(rewards.mean()), "reward/max": float(rewards.max()),
+                    "reward/errors": reward_fn.errors - errors_before})
+    kept = rollout.select(adv.keep)
+    samples = rollout_to_samples(kept, adv.advantages[adv.keep], rollout.topk)
+    # every DP rank and minibatch needs an equal share: trim to a multiple (logged, rarely non-zero)
+    unit = cfg.train.minibatches * _dp_size(cfg)
+    trimmed = len(samples) - len(samples) // unit * unit
+    metrics["train/samples_trimmed"] = trimmed
+    return samples[: len(samples) - trimmed]
+
+
+def record_rollout(run_dir: Path, step: int, records, rollout, examples: int = 4) -> None:
+    """run_dir/rollouts.jsonl: which prompts each step used, their rewards, and a few responses."""
+    row = {"step": step, "prompt_indices": [r.index for r in records],
+           "rewards": [s.reward for s in rollout.samples],
+           "examples": [{"prompt": records[s.group_id].prompt_text, "response": s.response_text,
+                         "answer": s.info.get("answer"), "reward": s.reward} for s in rollout.samples[:examples]]}
+    with open(run_dir / "rollouts.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def learn(cfg: RLConfig, learner: Learner, samples: list[dict], first_step: bool) -> dict:
+    """`minibatches` optimizer steps on this rank's share; the anchor stays fixed across them."""
+    from megatron_rl.megatron.step import shard_for_dp
+
+    ps = learner.ps
+    if not samples:
+        return {"train/skipped": 1}
+    local = shard_for_dp(samples, cfg.train.minibatches, ps.dp, ps.dp_rank)
+    out = {}
+    if first_step or cfg.loss.anchor == "old":   # one recompute pass: pi at the rollout's parameters
+        pi = policy_logprobs(learner, local)
+        if pi is not None:
+            if cfg.loss.anchor == "old":
+                for s, lp in zip(local, pi):
+                    s["old_logprobs"] = lp
+            out.update(_mismatch(local, pi, ps))
+    reports = learner.actor.train_on_rollout(local)
+    if ps.is_last_stage:
+        for key in reports[0]:
+            values = [r[key] for r in reports if isinstance(r.get(key), (int, float))]
+            if values:
+                out[key] = max(values) if key.endswith("_max") else sum(values) / len(values)
+    return broadcast_object(out, src=learner.log_rank)
+
+
+def sync(learner: Learner, engine, verify: bool) -> dict:
+    """Stream the learner's weights to the engine; on `verify`, read them back and compare.
+    Every rank drives the weight stream (it is collective); only rank 0 holds the engine."""
+    bucket = learner.cfg.rollout.weight_sync_bucket_mb << 20
+    out = _drive(hf_weights(learner), lambda w: engine.update_weights(w, max_bucket_bytes=bucket).as_metrics(),
+                 engine)
+    if verify:
+        check = _drive(hf_weights(learner), engine.verify_weights if engine else None, engine)
+        if check is not None:
+            if not check.ok:
+                raise RuntimeError(f"weight sync check failed: {check.summary()}")
+            out["weight_sync/max_abs_diff"] = check.max_abs_diff
+    return out or {}
+
+
+def _drive(stream, consume, engine):
+    """Rank 0 hands the stream to `consume`; the other ranks run it to the end for its collectives."""
+    if engine is not None:
+        return consume(stream)
+    for _ in stream:
+        pass
+    return None
+
+
+def checkpoint(cfg: RLConfig, learner: Learner, loader: PromptLoader, step: int, root: Path) -> None:
+    save_checkpoint(root, learner.actor, extra={"trainer_step": step, "data": loader.state_dict(),
+                                                "config": to_dict(cfg)})
+    if dist.get_rank() == 0:   # keep the newest `keep` complete checkpoints
+        done = sorted(p for p in root.glob("iter_*") if p.is_dir())
+        for old in done[: -cfg.checkpoint.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def resume(cfg: RLConfig, learner: Learner, loader: PromptLoader, root: Path) -> int:
+    path = latest_checkpoint(root) if cfg.checkpoint.resume else None
+    if path is None:
+        return 0
+    state = load_checkpoint(path, learner.actor)
+    extra = state.get("extra", {})
+    loader.load_state_dict(extra["data"])
+    if dist.get_rank() == 0:
+        print(f"resumed from {path} at step {extra['trainer_step']}", flush=True)
+    return int(extra["trainer_step"])
+
+
+def export(learner: Learner, out_dir: Path, hf_dir: Path) -> None:
+    """The final policy as an HF checkpoint (streamed per stage; tokenizer files from the base model)."""
+    from megatron_rl.megatron.training import unwrap
+
+    source = json.loads((hf_dir / "config.json").read_text())
+    export_hf(unwrap(learner.actor.chunks[0]), learner.model_cfg, learner.ps, out_dir, hf_dir, source,
+              overwrite=True)
+
+
+# ---- set-up helpers ------------------------------------------------------------------------------------------
+
+def prepare_model(cfg: RLConfig, run_dir: Path) -> tuple[Path, Path]:
+    """(Megatron checkpoint to start from, HF dir the engine and tokenizer load). An HF model is converted
+    once into run_dir/base at the configured layout."""
+    if cfg.model.checkpoint:
+        ckpt = Path(cfg.model.checkpoint)
+        return ckpt, Path(cfg.model.hf_path) if cfg.model.hf_path else ckpt / "hf"
+    ckpt = run_dir / "base"
+    if not (ckpt / "megatron_rl_model.json").exists():
+        p = cfg.parallel
+        hf_to_megatron(cfg.model.hf_path, ckpt, tp=p.tensor, pp=p.pipeline, overwrite=True)
+    return ckpt, Path(cfg.model.hf_path)
+
+
+def _tokenizer(hf_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(hf_dir))
+
+
+def _data_config(cfg: RLConfig) -> DataConfig:
+    d = cfg.data
+    return DataConfig(path=d.train_path, prompt_key=d.prompt_key, answer_key=d.answer_key,
+                      on_bad_line=d.on_bad_line, max_prompt_tokens=cfg.rollout.max_prompt_length,
+                      system_prompt=d.system_prompt, shuffle=d.shuffle, seed=d.seed)
+
+
+def _engine_config(cfg: RLConfig, hf_dir: Path) -> EngineConfig:
+    r = cfg.rollout
+    return EngineConfig(model=str(hf_dir), dtype=r.dtype, temperature=r.temperature, n_samples=r.n_samples,
+                        max_response_tokens=r.max_response_length,
+                        max_model_len=r.max_prompt_length + r.max_response_length, logprobs_topk=cfg.logprobs_topk,
+                        seed=r.seed, enforce_eager=r.enforce_eager, tensor_parallel_size=r.engine_tensor_parallel,
+                        gpu_memory_utilization=r.gpu_memory_utilization,
+                        kv_cache_memory_bytes=r.kv_cache_memory_mb << 20 if r.kv_cache_memory_mb else None)
+
+
+def _tracking(cfg: RLConfig) -> dict:
+    g = cfg.logging
+    return dict(jsonl=g.jsonl, tensorboard=g.tensorboard, wandb=g.wandb, wandb_project=g.wandb_project,
+                progress=g.progress, config=to_dict(cfg))
+
+
+def _dp_size(cfg: RLConfig) -> int:
+    p = cfg.parallel
+    return dist.get_world_size() // (p.tensor * p.pipeline * p.context)
+
+
+def _mismatch(samples: list[dict], pi: list[torch.Tensor], ps) -> dict:
+    """|pi_a - mu_a| on sampled response tokens (algorithms.md Sec. 7), reduced over the DP ranks."""
+    mask = torch.cat([s["loss_mask"] for s in samples]) != 0
+    m = logprob_mismatch(torch.cat(pi), torch.cat([s["rollout_logprobs"] for s in samples]), mask)
+    sums = torch.tensor([m["prob_diff_sum"], float(m["num_tokens"])], dtype=torch.float64)
+    maxes = torch.tensor([m["prob_diff_max"], m["logprob_diff_max"]], dtype=torch.float64)
+    if ps.dp > 1:
+        dist.all_reduce(sums, group=ps.dp_group)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=ps.dp_group)
+    return {"mismatch/prob_diff_mean": float(sums[0] / sums[1].clamp(min=1)),
+            "mismatch/prob_diff_max": float(maxes[0]), "mismatch/logprob_diff_max": float(maxes[1])}
+
+
+# ---- entry points ------------------------------------------------------------------------------------------
+
+def run(config_path, overrides=()) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_rl_config(config_path, list(overrides))
+    try:
+        train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def run_demo(config_path, overrides=()) -> int:
+    """The embedded default: prepare the tiny task + policy offline, RL on it, report before / after."""
+    from megatron_rl.trainer.demo import prepare_demo
+
+    cfg = load_rl_config(config_path, list(overrides))
+    t0 = time.time()
+    info = prepare_demo(Path(cfg.run_dir) / "demo")
+    cfg.model.hf_path, cfg.data.train_path = info["hf_path"], info["train_path"]
+    try:
+        history = train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if history:
+        k = max(1, len(history) // 5)
+        before = sum(r["reward/mean"] for r in history[:k]) / k
+        after = sum(r["reward/mean"] for r in history[-k:]) / k
+        summary = {"reward_first_steps": before, "reward_last_steps": after, "steps": len(history),
+                   "seconds": round(time.time() - t0, 1), "plot": str(Path(cfg.run_dir) / "summary.png")}
+        (Path(cfg.run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"demo done in {summary['seconds']}s: mean reward over the first {k} steps {before:.3f} -> "
+              f"last {k} steps {after:.3f}; plot: {summary['plot']}", flush=True)
+    return 0
