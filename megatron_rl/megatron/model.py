@@ -1,0 +1,134 @@
+"""Build a megatron-core GPTModel (one pipeline stage) from a ModelConfig.
+
+API (for the conversion engineer and the trainer):
+
+    from megatron_rl.megatron.parallel import initialize_parallel
+    from megatron_rl.megatron.model import build_model, transformer_config
+
+    ps = initialize_parallel(tp=2, pp=1, cp=1, seed=1234, model_cfg=cfg)  # after init_process_group
+    model = build_model(cfg, ps)                      # bare GPTModel for this rank's stage, fp32
+    model = build_model(cfg, ps, params_dtype="bfloat16")   # bf16 parameters (wrap with Float16Module
+                                                      # through megatron_rl.megatron.training instead)
+    state = model.state_dict()                        # megatron names: embedding.word_embeddings.weight,
+                                                      # decoder.layers.{i}.self_attention.linear_qkv.weight
+                                                      # (local layer indices per stage), output_layer.weight...
+    layer_offset(cfg, ps)                             # global index of this stage's first layer
+
+Vocabulary: the embedding / output layer have `cfg.padded_vocab_size(ps.tp)` rows (Megatron pads; the
+loss ignores ids >= cfg.vocab_size). Local layer spec on CPU (use_te=None picks it by CUDA), the
+transformer-engine spec on GPU. RoPE: theta, and HF rope_scaling of type `linear` or `llama3` with
+all of its parameters (Megatron's own llama3 switch hard-codes three of them), by overwriting the
+rotary embedding's inverse frequencies after construction.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_rl.model_config import ModelConfig
+from megatron_rl.patches import megatron_cpu
+
+from .parallel import ParallelState
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """RoPE inverse frequencies in fp32, with HF's rope_scaling semantics (`linear`, `llama3`)."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = dict(cfg.rope_scaling or {})
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        pass
+    elif kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv_freq
+        # long wavelengths are divided by factor, short ones kept, the band between interpolated
+        smooth = (old_len / wavelen - low) / (high - low)
+        mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_len / low, inv_freq / factor,
+                               torch.where(wavelen < old_len / high, inv_freq, mid))
+    else:
+        raise ValueError(f"model config: `rope_scaling` type {kind!r} is not supported; "
+                         f"supported: default, linear, llama3")
+    return inv_freq.to(torch.float32)
+
+
+def transformer_config(cfg: ModelConfig, ps: ParallelState, *, params_dtype: Optional[str] = None,
+                       bf16: bool = False, init_method_std: float = 0.02, use_te: Optional[bool] = None,
+                       recompute: bool = False):
+    """The megatron TransformerConfig for `cfg` under layout `ps` (dropout off: RL fine-tuning)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cfg.check_parallel(tp=ps.tp, pp=ps.pp)
+    on_gpu = torch.cuda.is_available()
+    use_te = on_gpu if use_te is None else use_te
+    dtype = _DTYPES[params_dtype or ("bfloat16" if bf16 else "float32")]
+    return TransformerConfig(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.head_dim, normalization="RMSNorm", layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        add_qkv_bias=cfg.add_qkv_bias, qk_layernorm=cfg.qk_layernorm,
+        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=init_method_std,
+        tensor_model_parallel_size=ps.tp, pipeline_model_parallel_size=ps.pp,
+        context_parallel_size=ps.cp, sequence_parallel=False,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16 or dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu, perform_initialization=True,
+        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        # microbatches are padded to one fixed token budget, so p2p shapes are static
+        variable_seq_lengths=False, deallocate_pipeline_outputs=False,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+    )
+
+
+def layer_offset(cfg: ModelConfig, ps: ParallelState) -> int:
+    return ps.pp_rank * (cfg.num_layers // ps.pp)
+
+
+def build_model(cfg: ModelConfig, ps: ParallelState, *, params_dtype: Optional[str] = None,
+                bf16: bool = False, use_te: Optional[bool] = None, init_method_std: float = 0.02,
+                recompute: bool = False):
+    """This rank's pipeline stage of a GPTModel for `cfg`. Deterministic given `ps.seed`.
+
+    On CPU the init runs on the CPU generator seeded here, so every layout builds the same full
+    weights (megatron's CPU init draws the master weight then slices this rank's part).
+    """
+    megatron_cpu.apply()
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
+
+    on_gpu = torch.cuda.is_available()
+    use_te = on_gpu if use_te is None else use_te
+    config = transformer_config(cfg, ps, params_dtype=params_dtype, bf16=bf16, use_te=use_te,
+                                init_method_std=init_method_std, recompute=recompute)
+    if use_te:
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
+    # Same init on every layout: the stage's layers draw from a generator advanced identically.
+    torch.manual_seed(ps.seed)
+    model = GPTModel(
+        config=config, transformer_layer_spec=spec, vocab_size=cfg.padded_vocab_size(ps.tp),
+        max_sequence_length=cfg.max_position_embeddings, pre_process=ps.is_first_stage,
+        post_process=ps.is_last_stage, parallel_output=True,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        position_embedding_type="rope", rotary_percent=1.0, rotary_base=cfg.rope_theta,
+        pg_collection=ps.pg_collection)
+    model.rotary_pos_emb.inv_freq = rope_inv_freq(cfg).to(model.rotary_pos_emb.inv_freq.device)
+    if on_gpu:
+        model.cuda(torch.cuda.current_device())
+    return model

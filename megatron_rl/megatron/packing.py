@@ -1,0 +1,180 @@
+"""Sequence packing: whole sequences into fixed-size microbatch rows by a token budget (THD layout).
+
+A sample is one sequence (prompt + response) as a dict of per-token tensors aligned with `tokens`
+(value i belongs to token i): `tokens` [L] is required; every other field ([L] or [L, K]: loss_mask,
+advantages, rollout_logprobs, topk ids/logprobs...) travels with it. Packing shifts them by one so that
+row position j (whose logits predict token j + 1 of its segment) holds the values of token j + 1; the
+last position of each segment and the padding tail get zeros (so a loss_mask there is 0).
+
+Every microbatch is one row of exactly `microbatch_tokens` positions (pipeline shapes stay static);
+`cu_seqlens` marks the real segments. A sequence is never split across microbatches, and a sequence
+longer than the budget is a start-up error naming `microbatch_tokens`.
+
+Attention: on GPU the transformer-engine spec takes THD `packed_seq_params` (cu_seqlens). On CPU the
+local spec only takes an explicit boolean mask, so `attention_mask` is block-diagonal causal
+[1, 1, S, S] (True = masked) and positions run on across segments: RoPE depends on relative positions
+only, so this equals running each sequence alone (tests/megatron checks packed == unpacked logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+Sample = dict  # str -> Tensor, first dim = sequence length
+
+
+@dataclass
+class Microbatch:
+    tokens: torch.Tensor                  # [1, S] int64 (padding: 0)
+    labels: torch.Tensor                  # [1, S] int64: the token each position predicts (0 where none)
+    position_ids: torch.Tensor            # [1, S] int64
+    cu_seqlens: torch.Tensor              # [n + 1] int32, segment boundaries in the row (real segments)
+    seq_ids: torch.Tensor                 # [n] int64: index of each segment's sample in the batch
+    fields: dict = field(default_factory=dict)   # name -> [1, S, ...] shifted per-token values
+    attention_mask: Optional[torch.Tensor] = None  # [1, 1, S, S] bool, CPU path only
+    # context parallel (split_for_cp): this CP rank's positions of the row and its chunk-level segments
+    cp_index: Optional[torch.Tensor] = None
+    cp_local_cu: Optional[torch.Tensor] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[1])
+
+    def to(self, device) -> "Microbatch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Microbatch(tokens=move(self.tokens), labels=move(self.labels), position_ids=move(self.position_ids),
+                          cu_seqlens=move(self.cu_seqlens), seq_ids=self.seq_ids,
+                          fields={k: move(v) for k, v in self.fields.items()},
+                          attention_mask=move(self.attention_mask), cp_index=self.cp_index,
+                          cp_local_cu=move(self.cp_local_cu))
+
+    def lengths(self) -> torch.Tensor:
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+
+def check_budget(lengths: Sequence[int], microbatch_tokens: int, pad_multiple: int = 1) -> None:
+    """Refuse a budget some sequence cannot fit in (start-up check; names the setting)."""
+    if microbatch_tokens < 1:
+        raise ValueError(f"microbatch_tokens={microbatch_tokens} must be >= 1")
+    longest = max((_padded(n, pad_multiple) for n in lengths), default=0)
+    if longest > microbatch_tokens:
+        raise ValueError(f"microbatch_tokens={microbatch_tokens} is smaller than the longest sequence "
+                         f"({longest} tokens{' after CP padding' if pad_multiple > 1 else ''}); a sequence "
+                         f"is never split across microbatches: raise microbatch_tokens to >= {longest}")
+
+
+def _padded(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def plan_microbatches(lengths: Sequence[int], microbatch_tokens: int, num_microbatches: Optional[int] = None,
+                      pad_multiple: int = 1) -> list[list[int]]:
+    """Assign sequences (by index) to microbatches, each within the budget; deterministic.
+
+    num_microbatches=None: first fit in the given order, opening a microbatch when none fits.
+    num_microbatches=m: exactly m microbatches, longest sequence first into the least-filled one that
+    fits (balanced work per microbatch); ValueError if they do not fit.
+    """
+    check_budget(lengths, microbatch_tokens, pad_multiple)
+    sizes = [_padded(n, pad_multiple) for n in lengths]
+    if num_microbatches is None:
+        bins: list[list[int]] = []
+        fill: list[int] = []
+        for i, n in enumerate(sizes):
+            for b in range(len(bins)):
+                if fill[b] + n <= microbatch_tokens:
+                    bins[b].append(i)
+                    fill[b] += n
+                    break
+            else:
+                bins.append([i])
+                fill.append(n)
+        return bins or [[]]
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches={num_microbatches} must be >= 1")
+    bins = [[] for _ in range(num_microbatches)]
+    fill = [0] * num_microbatches
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        order = sorted(range(num_microbatches), key=lambda b: (fill[b], b))
+        b = next((b for b in order if fill[b] + sizes[i] <= microbatch_tokens), None)
+        if b is None:
+            raise ValueError(f"{len(sizes)} sequences ({sum(sizes)} tokens) do not fit in "
+                             f"num_microbatches={num_microbatches} x microbatch_tokens={microbatch_tokens}")
+        bins[b].append(i)
+        fill[b] += sizes[i]
+    return [sorted(b) for b in bins]
+
+
+def causal_block_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[1, 1, S, S] bool, True = masked: causal inside each segment; the padding tail is one more segment."""
+    seg = torch.full((total,), -1, dtype=torch.int64)
+    bounds = cu_seqlens.tolist()
+    for k in range(len(bounds) - 1):
+        seg[bounds[k]:bounds[k + 1]] = k
+    seg[bounds[-1]:] = len(bounds)   # padding attends within itself, so no row is fully masked
+    pos = torch.arange(total)
+    allowed = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])
+    return (~allowed)[None, None]
+
+
+def pack(samples: Sequence[Sample], indices: Sequence[int], microbatch_tokens: int, *,
+         cpu_attention_mask: bool = True, pad_multiple: int = 1) -> Microbatch:
+    """One microbatch row from samples[indices] (whole sequences, in order)."""
+    S = microbatch_tokens
+    tokens = torch.zeros(S, dtype=torch.int64)
+    labels = torch.zeros(S, dtype=torch.int64)
+    names = sorted({k for i in indices for k in samples[i] if k != "tokens"})
+    fields: dict[str, torch.Tensor] = {}
+    bounds = [0]
+    for i in indices:
+        s = samples[i]
+        L = int(s["tokens"].shape[0])
+        a = bounds[-1]
+        if a + _padded(L, pad_multiple) > S:
+            raise ValueError(f"microbatch_tokens={S}: sequences {list(indices)} do not fit one row")
+        tokens[a:a + L] = s["tokens"]
+        labels[a:a + L - 1] = s["tokens"][1:]
+        for k in names:
+            v = s.get(k)
+            if v is None:
+                raise ValueError(f"sample {i} lacks field {k!r} that other samples of the batch carry")
+            if int(v.shape[0]) != L:
+                raise ValueError(f"sample {i}: field {k!r} has length {v.shape[0]}, tokens have {L}")
+            if k not in fields:
+                fields[k] = torch.zeros((S,) + tuple(v.shape[1:]), dtype=v.dtype)
+            fields[k][a:a + L - 1] = v[1:]   # position j holds the values of token j + 1 (its target)
+        bounds.append(a + _padded(L, pad_multiple))
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    return Microbatch(
+        tokens=tokens[None], labels=labels[None], position_ids=torch.arange(S)[None], cu_seqlens=cu,
+        seq_ids=torch.tensor(list(indices), dtype=torch.int64),
+        fields={k: v[None] for k, v in fields.items()},
+        attention_mask=causal_block_mask(cu, S) if cpu_attention_mask else None)
+
+
+def pack_batch(samples: Sequence[Sample], microbatch_tokens: int, num_microbatches: Optional[int] = None, *,
+               cpu_attention_mask: bool = True, pad_multiple: int = 1) -> list[Microbatch]:
+    """All of `samples` into microbatches (see plan_microbatches)."""
+    plan = plan_microbatches([int(s["tokens"].shape[0]) for s in samples], microbatch_tokens,
+                             num_microbatches, pad_multiple)
+    return [pack(samples, idx, microbatch_tokens, cpu_attention_mask=cpu_attention_mask,
+                 pad_multiple=pad_multiple) for idx in plan]
+
+
+def split_for_cp(mb: Microbatch, cp: int, cp_rank: int) -> Microbatch:
+    """This CP rank's part of a microbatch in Megatron's load-balanced order (2 * cp chunks per segment,
+    the padding tail included as one more segment); cu_seqlens become those of the whole row including
+    the tail (what THD attention with CP takes), the loss uses `cp_local_cu`. Needs pad_multiple = 2 * cp packing."""
+    from megatron_rl.parallel.context_parallel import partition_index
+
+    cu = mb.cu_seqlens.to(torch.int64)
+    if int(cu[-1]) < mb.num_tokens:
+        cu = torch.cat([cu, cu.new_tensor([mb.num_tokens])])
+    index, local_cu = partition_index(cu, cp, cp_rank)
+    return Microbatch(tokens=mb.tokens[:, index], labels=mb.labels[:, index],
+                      position_ids=mb.position_ids[:, index], cu_seqlens=cu.to(torch.int32), seq_ids=mb.seq_ids,
+                      fields={k: v[:, index] for k, v in mb.fields.items()}, attention_mask=None,
+                      cp_index=index, cp_local_cu=local_cu)

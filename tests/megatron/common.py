@@ -1,0 +1,59 @@
+"""Shared tiny model and synthetic rollout data for the megatron tests."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_rl.model_config import ModelConfig
+
+# Qwen2-like (QKV bias) with QK-norm and GQA, untied; vocab 250 pads to 256 at TP 1 and 2 alike.
+MODEL = dict(family="qwen2", vocab_size=250, hidden_size=64, ffn_hidden_size=128, num_layers=4,
+             num_attention_heads=4, num_query_groups=2, add_qkv_bias=True, qk_layernorm=True,
+             make_vocab_size_divisible_by=8, rope_theta=10000.0)
+TOPK = 4
+MAX_RESPONSE = 24
+
+
+def model_cfg(**over) -> ModelConfig:
+    return ModelConfig(**{**MODEL, **over})
+
+
+def make_samples(n: int = 8, seed: int = 0, vocab: int = 250, lo: int = 6, hi: int = 22) -> list[dict]:
+    """Sequences of prompt + response with per-token fields aligned with tokens.
+
+    mu is synthetic: on half the tokens peaked and far from the tiny model's near-uniform pi, on the rest
+    close to it, so every mode's trust-region mask rejects some tokens and keeps others, differently per
+    mode: the layout comparisons exercise the masks, not just the plain policy gradient."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        L = int(torch.randint(lo, hi, (1,), generator=g))
+        p = int(torch.randint(2, 5, (1,), generator=g))
+        tok = torch.randint(0, vocab, (L,), generator=g)
+        mask = torch.zeros(L)
+        mask[p:] = 1
+        adv = torch.full((L,), float(torch.randn(1, generator=g)))
+        ids = torch.stack([torch.randperm(vocab, generator=g)[:TOPK] for _ in range(L)])
+        # half the tokens: a peaked mu (far from pi); the rest: mu close to the near-uniform pi
+        peaked = torch.rand(L, 1, generator=g) < 0.5
+        flat = (1.0 + 0.3 * torch.rand(L, TOPK, generator=g)) / vocab
+        probs = torch.where(peaked, torch.softmax(torch.randn(L, TOPK, generator=g), -1) * 0.6, flat)
+        probs, _ = probs.sort(dim=-1, descending=True)
+        sampled = torch.where(peaked[:, 0], torch.rand(L, generator=g) * 0.3 + 1e-3,
+                              (1.0 + 0.3 * torch.rand(L, generator=g)) / vocab)
+        hit = ids == tok[:, None]
+        sampled = torch.where(hit.any(-1), (probs * hit).sum(-1), sampled)
+        out.append(dict(tokens=tok, loss_mask=mask, advantages=adv, rollout_logprobs=sampled.log(),
+                        topk_ids=ids, topk_logprobs=probs.log()))
+    return out
+
+
+def loss_cfgs():
+    from megatron_rl.losses.config import LossConfig
+
+    return {
+        "ppo": LossConfig(mode="ppo"),
+        "dppo_binary_tv": LossConfig(mode="dppo_binary_tv"),
+        "dppo_topk_kl": LossConfig(mode="dppo_topk_kl", topk=TOPK),
+        "cppo": LossConfig(mode="cppo", divergence="topk_tv", horizon="sequence", topk=TOPK),
+    }
