@@ -67,7 +67,8 @@ def train(cfg: RLConfig) -> list[dict]:
         with timer("train", tracker, step):
             metrics.update(learn(cfg, learner, samples, first_step=step == start))
         with timer("sync", tracker, step):
-            metrics.update(sync(learner, engine, verify=step == start))
+            # read back and compare on the first and last step (costs about one more sync)
+            metrics.update(sync(learner, engine, verify=step in (start, cfg.train.steps - 1)))
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.steps:
             checkpoint(cfg, learner, loader, step + 1, run_dir / "checkpoints")
         if tracker:
@@ -277,11 +278,11 @@ def run(config_path, overrides=()) -> int:
 
 def run_demo(config_path, overrides=()) -> int:
     """The embedded default: prepare the tiny task + policy offline, RL on it, report before / after."""
-    from megatron_rl.trainer.demo import prepare_demo
+    from megatron_rl.trainer.demo import DemoSpec, prepare_demo
 
     cfg = load_rl_config(config_path, list(overrides))
     t0 = time.time()
-    info = prepare_demo(Path(cfg.run_dir) / "demo")
+    info = prepare_demo(Path(cfg.run_dir) / "demo", DemoSpec(seed=cfg.train.seed))
     cfg.model.hf_path, cfg.data.train_path = info["hf_path"], info["train_path"]
     try:
         history = train(cfg)
