@@ -3,6 +3,14 @@
 #
 #   launch_recipe RECIPE_DIR    plan -> convert (once) -> RL job, one torchrun per node through srun
 #   bash launch.sh node         inside srun: build this node's torchrun command and exec it
+#   bash launch.sh engine-node  inside srun (disaggregated placement): this node's engine servers
+#
+# Placement (rollout.placement in the config): colocated runs the learner and its engine on every node.
+# disaggregated (planner flag --engine-nodes E, e.g. PLAN_ARGS="--engine-nodes 2") runs the learner on
+# the first N - E nodes and vLLM engine servers on the last E nodes: GPUS_PER_NODE / rollout.engine_
+# tensor_parallel engines per node (megatron_rl.rollout.remote node). The learner's rank 0 hosts their
+# rendezvous at <first node>:MASTER_PORT+2; MRL_ENGINE_RENDEZVOUS and MRL_NUM_ENGINES are exported to
+# the train step (RemoteConfig.from_env). The engine step is stopped when this script exits.
 #
 # Settings live in the recipe's config.yaml; the environment only overrides (all optional):
 #   DRY_RUN=1          print the exact command of every node instead of running anything
@@ -111,6 +119,76 @@ _node_main() {   # inside srun: one task per node
   exec "${NODE_CMD[@]}"
 }
 
+# ---- disaggregated placement: the engine servers ------------------------------------------------------
+# ENGINE_CMD = engine node J's command (same function for dry and real runs)
+build_engine_cmd() {
+  ENGINE_CMD=("$PYTHON" -m megatron_rl.rollout.remote node --rendezvous "$ENGINE_RDZV" --num-engines "$ENGINE_NUM"
+              --node-index "$1" --engines-per-node "$ENGINE_PER_NODE" --gpus-per-engine "$ENGINE_TP")
+}
+
+# start_engines CONFIG GPUS PORT OVERRIDES...: engine servers on the nodes after the training nodes, in the
+# background (they wait for the learner; they exit when it disconnects)
+start_engines() {
+  local config=$1 gpus=$2 port=$3 i
+  shift 3
+  local engine_nodes=$((${#HOSTS[@]} - PLAN_TRAIN_NODES))
+  ((engine_nodes > 0)) || die "rollout.placement is disaggregated but no node is left for the engines (pass the \
+planner --engine-nodes E through PLAN_ARGS)"
+  # engine TP from the config (with the same overrides), unless ENGINE_TP says it
+  ENGINE_TP=${ENGINE_TP:-$("$PYTHON" -c 'import sys
+from megatron_rl.trainer.config import load_rl_config
+print(load_rl_config(sys.argv[1], sys.argv[2:]).rollout.engine_tensor_parallel)' "$config" "$@")}
+  ((gpus % ENGINE_TP == 0)) || die "GPUs per node ($gpus) is not a multiple of the engine TP size ($ENGINE_TP)"
+  ENGINE_PER_NODE=$((gpus / ENGINE_TP)) ENGINE_NUM=$((engine_nodes * gpus / ENGINE_TP))
+  ENGINE_RDZV=${HOSTS[0]}:$port   # the learner's global rank 0 runs on the first training node
+  ENGINE_HOSTS=("${HOSTS[@]:PLAN_TRAIN_NODES}")
+  export MRL_ENGINE_RENDEZVOUS=$ENGINE_RDZV MRL_NUM_ENGINES=$ENGINE_NUM
+  local nodelist
+  nodelist=$(IFS=,; echo "${ENGINE_HOSTS[*]}")
+  local -a srun_cmd=(srun "--nodes=$engine_nodes" "--ntasks=$engine_nodes" --ntasks-per-node=1
+                     "--nodelist=$nodelist" --kill-on-bad-exit=1 "--output=$LOG_DIR/engines.node%n.%N.log")
+  # shellcheck disable=SC2206
+  [[ -n ${SRUN_ARGS:-} ]] && srun_cmd+=($SRUN_ARGS)
+  srun_cmd+=(bash "$LAUNCH_LIB" engine-node)
+  say "engines: $ENGINE_NUM x TP $ENGINE_TP on ${ENGINE_HOSTS[*]}; to the train step:" \
+      "MRL_ENGINE_RENDEZVOUS=$ENGINE_RDZV MRL_NUM_ENGINES=$ENGINE_NUM"
+  if [[ -n ${DRY_RUN:-} ]]; then
+    say "== step engines: $(printf '%q ' "${srun_cmd[@]}")"
+    for i in "${!ENGINE_HOSTS[@]}"; do
+      build_engine_cmd "$i"
+      say "node $i ${ENGINE_HOSTS[$i]}: $(printf '%q ' "${ENGINE_CMD[@]}")"
+    done
+    return
+  fi
+  say "== step engines on $nodelist (logs: $LOG_DIR/engines.node*.log)"
+  ENGINE_HOSTS_Q="${ENGINE_HOSTS[*]}"
+  export ENGINE_RDZV ENGINE_NUM ENGINE_PER_NODE ENGINE_TP ENGINE_HOSTS_Q PYTHON
+  "${srun_cmd[@]}" &
+  ENGINES_PID=$!
+  trap _stop_engines EXIT
+}
+
+_stop_engines() {   # they exit by themselves once the learner is gone; give them a minute, then stop them
+  local t
+  [[ -n ${ENGINES_PID:-} ]] || return 0
+  for ((t = 0; t < 60; t++)); do
+    kill -0 "$ENGINES_PID" 2>/dev/null || return 0
+    sleep 1
+  done
+  kill "$ENGINES_PID" 2>/dev/null || true
+}
+
+_engine_node_main() {   # inside srun: one task per engine node
+  local -a hosts
+  read -ra hosts <<< "$ENGINE_HOSTS_Q"
+  local j=${SLURM_NODEID:-0} i
+  for i in "${!hosts[@]}"; do
+    [[ ${hosts[$i]} == "${SLURMD_NODENAME:-}" ]] && j=$i
+  done
+  build_engine_cmd "$j"
+  exec "${ENGINE_CMD[@]}"
+}
+
 _on_timeout() {   # SIGUSR1 from `#SBATCH --signal=B:USR1@300`: requeue; the loop resumes from its checkpoint
   if ((RESTART < ${MAX_REQUEUES:-10})); then
     say "launch: time limit near: requeueing job $JOB_ID (restart $((RESTART + 1)))"
@@ -205,11 +283,17 @@ run dir $PLAN_RUN_DIR, checkpoint.resume=$PLAN_RESUME: the loop continues from i
     run_step convert "$PLAN_CONVERT_NODES" "$PLAN_CONVERT_NPROC" "$port" tools/convert_hf_to_megatron.py \
       --hf-dir "$PLAN_HF_DIR" --out "$PLAN_CKPT_DIR" --tp "$PLAN_TP" --pp "$PLAN_PP"
   fi
-  # 3. the RL job on every training node
+  # 3. disaggregated: the engine servers on the remaining nodes (background), then the learner
+  if [[ $PLAN_PLACEMENT == disaggregated ]]; then
+    start_engines "$config" "$gpus" "$((port + 2))" ${overrides[@]+"${overrides[@]}"}
+  fi
+  # 4. the RL job on every training node
   run_step train "$PLAN_TRAIN_NODES" "$gpus" "$((port + 1))" -m megatron_rl.trainer.cli train \
     --config "$config" ${overrides[@]+"${overrides[@]}"}
 }
 
 if [[ ${BASH_SOURCE[0]} == "$0" && ${1:-} == node ]]; then
   _node_main
+elif [[ ${BASH_SOURCE[0]} == "$0" && ${1:-} == engine-node ]]; then
+  _engine_node_main
 fi
