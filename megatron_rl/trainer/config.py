@@ -58,6 +58,7 @@ class RolloutSection:
     gpu_memory_utilization: float = 0.5   # on CPU: the share of host memory vLLM may reserve
     kv_cache_memory_mb: Optional[int] = None   # fixed KV-cache size instead of the utilization share
     enforce_eager: bool = True
+    sleep_during_training: bool = False   # GPU, colocated: free the engine's memory while the learner trains
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     max_off_policy_lag: int = 0   # disaggregated: rollout of step k+1 may overlap training of step k
     weight_sync_bucket_mb: int = 256
@@ -165,11 +166,6 @@ class RLConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
-
-    def __post_init__(self):
-        if self.loss.kl_coef > 0:
-            raise ValueError("`loss.kl_coef` > 0 needs a reference model, which this trainer does not load "
-                             "yet; set loss.kl_coef: 0")
 
     @property
     def logprobs_topk(self) -> int:

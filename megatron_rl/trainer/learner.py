@@ -55,6 +55,7 @@ class Learner:
     ps: ParallelState
     actor: Actor
     log_rank: int           # the global rank holding the last stage's tp0/dp0/cp0 results
+    reference: Optional[Actor] = None   # frozen initial policy, only when loss.kl_coef > 0
 
     @property
     def is_last_stage(self) -> bool:
@@ -76,10 +77,18 @@ def build_learner(cfg: RLConfig, checkpoint_dir: str | Path) -> Learner:
                           max_response_length=cfg.rollout.max_response_length)
     loss_fn = policy_loss_fn(model_cfg, ps, cfg.loss, temperature=cfg.rollout.temperature)
     actor = Actor(model_cfg, ps, chunks, optimizer, step_cfg, loss_fn)
+    reference = None
+    if cfg.loss.kl_coef > 0:   # KL to the initial policy: a frozen, forward-only copy of the start weights
+        from megatron_rl.megatron.model import build_model
+
+        ref_model = build_model(model_cfg, ps, bf16=optim.bf16)
+        load_weights(ref_model, checkpoint_dir)
+        ref_model.requires_grad_(False)
+        reference = Actor(model_cfg, ps, [ref_model], None, step_cfg, loss_fn=None)
     reports = ps.is_last_stage and ps.tp_rank == 0 and ps.dp_rank == 0 and ps.cp_rank == 0
     flag = torch.tensor([dist.get_rank() if reports else 0], dtype=torch.int64)
     dist.all_reduce(flag)
-    return Learner(cfg, model_cfg, ps, actor, int(flag))
+    return Learner(cfg, model_cfg, ps, actor, int(flag), reference)
 
 
 def rollout_to_samples(rollout, advantages: torch.Tensor, topk: int) -> list[dict]:
@@ -109,10 +118,11 @@ def rollout_to_samples(rollout, advantages: torch.Tensor, topk: int) -> list[dic
 
 
 @torch.no_grad()
-def policy_logprobs(learner: Learner, samples: list[dict]) -> Optional[list[torch.Tensor]]:
-    """pi's log-probs of every token at the current parameters (last stage; None elsewhere)."""
+def policy_logprobs(learner: Learner, samples: list[dict], reference: bool = False) -> Optional[list[torch.Tensor]]:
+    """Log-probs of every token under pi at the current parameters, or under the frozen reference
+    (last stage; None elsewhere)."""
     fn = logprob_fn(learner.model_cfg, learner.ps, temperature=learner.cfg.rollout.temperature)
-    return learner.actor.compute_logprobs(samples, fn)
+    return (learner.reference if reference else learner.actor).compute_logprobs(samples, fn)
 
 
 def hf_weights(learner: Learner) -> Iterator[tuple[str, torch.Tensor]]:

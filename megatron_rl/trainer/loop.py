@@ -65,8 +65,12 @@ def train(cfg: RLConfig) -> list[dict]:
             if rank == 0:
                 record_rollout(run_dir, step, records, rollout)
         with timer("train", tracker, step):
+            if engine and cfg.rollout.sleep_during_training:
+                engine.sleep()      # GPU: hand the engine's memory to the learner (no-op on CPU)
             metrics.update(learn(cfg, learner, samples, first_step=step == start))
         with timer("sync", tracker, step):
+            if engine and cfg.rollout.sleep_during_training:
+                engine.wake_up()    # weights must be resident before they are updated
             # read back and compare on the first and last step (costs about one more sync)
             metrics.update(sync(learner, engine, verify=step in (start, cfg.train.steps - 1)))
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.steps:
@@ -137,6 +141,10 @@ def learn(cfg: RLConfig, learner: Learner, samples: list[dict], first_step: bool
                 for s, lp in zip(local, pi):
                     s["old_logprobs"] = lp
             out.update(_mismatch(local, pi, ps))
+    if learner.reference is not None:   # loss.kl_coef > 0: log-probs of the frozen initial policy
+        ref = policy_logprobs(learner, local, reference=True)
+        for s, lp in zip(local, ref or []):
+            s["ref_logprobs"] = lp
     reports = learner.actor.train_on_rollout(local)
     if ps.is_last_stage:
         for key in reports[0]:
@@ -235,7 +243,7 @@ def _engine_config(cfg: RLConfig, hf_dir: Path) -> EngineConfig:
                         max_response_tokens=r.max_response_length,
                         max_model_len=r.max_prompt_length + r.max_response_length, logprobs_topk=cfg.logprobs_topk,
                         seed=r.seed, enforce_eager=r.enforce_eager, tensor_parallel_size=r.engine_tensor_parallel,
-                        gpu_memory_utilization=r.gpu_memory_utilization,
+                        gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=r.sleep_during_training,
                         kv_cache_memory_bytes=r.kv_cache_memory_mb << 20 if r.kv_cache_memory_mb else None)
 
 

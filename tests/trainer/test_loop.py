@@ -46,7 +46,7 @@ def demo(tmp_path_factory):
 def _overrides(run_dir, demo, steps):
     return [f"run_dir={run_dir}", f"model.hf_path={demo['hf_path']}", f"data.train_path={demo['train_path']}",
             f"train.steps={steps}", "train.prompts_per_step=4", "rollout.n_samples=4", "checkpoint.every=1",
-            "checkpoint.keep=2", "logging.tensorboard=true"]
+            "checkpoint.keep=2", "logging.tensorboard=true", "loss.kl_coef=0.001"]   # + a frozen reference
 
 
 def test_rl_job_end_to_end_and_resume(tmp_path, demo):
@@ -58,6 +58,7 @@ def test_rl_job_end_to_end_and_resume(tmp_path, demo):
     for r in rows:
         assert 0.0 <= r["reward/mean"] <= 1.0 and r["rollout/samples"] == 16
         assert torch.isfinite(torch.tensor(r["loss"])), r
+        assert r["kl_ref"] >= 0.0 and torch.isfinite(torch.tensor(r["kl_ref"])), r
         assert r["weight_sync/max_abs_diff"] == 0.0        # engine == learner after the sync (fp32, exact)
     # |pi - mu| at identical weights, before the first update: float32 engine vs float32 learner
     assert rows[0]["mismatch/prob_diff_max"] < 1e-3, rows[0]
