@@ -40,6 +40,10 @@ log = logging.getLogger("megatron_rl")
 
 
 def train(cfg: RLConfig) -> list[dict]:
+    if cfg.rollout.placement != "colocated":
+        # megatron_rl.rollout.remote has the engine servers; the loop does not drive them yet
+        raise ValueError("`rollout.placement: disaggregated` is not wired into the training loop yet; "
+                         "use `rollout.placement: colocated`")
     rank, world = init_world()
     run_dir = Path(cfg.run_dir)
     base_ckpt, hf_dir = prepare_model(cfg, run_dir)
