@@ -345,7 +345,9 @@ def vocab_parallel_token_stats(logits: torch.Tensor, ids: torch.Tensor, shard: V
     """Log-probs at global ids [*, K] and (optionally) the entropy [*], in ONE pass over the vocabulary.
 
     The fused form the whole loss uses: one read of the logits forward, one backward pass writing one
-    gradient buffer, 2 all-reduces of [N, K + 2] floats (8 + 4 K bytes per token, +4 with entropy).
+    gradient buffer; all-reduces MAX [N] and SUM [N, 1 + K (+1 with entropy)] fp32, i.e. 8 + 4 K bytes
+    per token (+4 with entropy) whatever the vocabulary size, plus the [tp, 7] validation all-reduce
+    (validate=False skips it: only for callers that already checked the same arguments).
     `ids` [*, K]: any K >= 0, duplicates allowed (their gradients add up); ids on another shard arrive by
     the all-reduce. Gradient flows to `logits` through logprobs and entropy.
     """
