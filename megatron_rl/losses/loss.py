@@ -91,7 +91,7 @@ def kl_to_reference(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimato
         return 0.5 * log_r.square()
     if estimator == "k3":
         log_r = log_r.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
-        return torch.exp(log_r) - 1.0 - log_r
+        return torch.expm1(log_r) - log_r   # = exp(x) - 1 - x without cancelling to < 0 for tiny x
     raise ValueError(f"kl_estimator: got {estimator!r}; allowed: 'k1', 'k2', 'k3'")
 
 

@@ -58,7 +58,8 @@ def test_rl_job_end_to_end_and_resume(tmp_path, demo):
     for r in rows:
         assert 0.0 <= r["reward/mean"] <= 1.0 and r["rollout/samples"] == 16
         assert torch.isfinite(torch.tensor(r["loss"])), r
-        assert r["kl_ref"] >= 0.0 and torch.isfinite(torch.tensor(r["kl_ref"])), r
+        # k3 >= 0; at identical weights (first minibatch) it is 0 up to fp32 rounding
+        assert r["kl_ref"] >= -1e-8 and torch.isfinite(torch.tensor(r["kl_ref"])), r
         assert r["weight_sync/max_abs_diff"] == 0.0        # engine == learner after the sync (fp32, exact)
     # |pi - mu| at identical weights, before the first update: float32 engine vs float32 learner
     assert rows[0]["mismatch/prob_diff_max"] < 1e-3, rows[0]
