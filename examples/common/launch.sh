@@ -20,6 +20,7 @@
 #   GPUS_PER_NODE (SLURM_GPUS_ON_NODE, else 8)   GPU_MEMORY_GIB (nvidia-smi, else 80)
 #   PLAN_ARGS          extra planner flags (e.g. --recompute full)   SKIP_CONVERT=1
 #   LOG_ROOT (REPO_DIR/logs)  MASTER_PORT  PYTHON (python)  TORCHRUN (torchrun)  SRUN_ARGS  MAX_REQUEUES (10)
+#   STOP_GRACE_S (240): on the time-limit warning, how long the RL loop gets to checkpoint before the requeue
 # Dry runs also take the SLURM variables from the environment (SLURM_JOB_ID, SLURM_NNODES,
 # SLURM_JOB_NODELIST, SLURM_RESTART_COUNT), so tests can fake an allocation.
 
@@ -104,7 +105,8 @@ run_step() {
   export STEP_NNODES STEP_NPROC STEP_PORT STEP_MASTER STEP_CMD_Q STEP_HOSTS_Q TORCHRUN
   # in the background so the requeue trap can run while we wait (bash defers traps during a foreground job)
   "${srun_cmd[@]}" &
-  wait $!
+  STEP_PID=$!
+  wait $STEP_PID
 }
 
 _node_main() {   # inside srun: one task per node
@@ -189,9 +191,22 @@ _engine_node_main() {   # inside srun: one task per engine node
   exec "${ENGINE_CMD[@]}"
 }
 
-_on_timeout() {   # SIGUSR1 from `#SBATCH --signal=B:USR1@300`: requeue; the loop resumes from its checkpoint
+_on_timeout() {   # SIGUSR1 from `#SBATCH --signal=B:USR1@300`: checkpoint, then requeue; the loop resumes
+  # run_dir/STOP asks the RL loop to checkpoint at the end of its current step and exit (trainer/loop.py);
+  # give it STOP_GRACE_S (default 240, inside the 300 s warning), then requeue whatever state it reached
+  local grace=${STOP_GRACE_S:-240} t
+  if [[ -n ${STEP_PID:-} && -n ${PLAN_RUN_DIR:-} ]] && kill -0 "$STEP_PID" 2>/dev/null; then
+    mkdir -p "$PLAN_RUN_DIR" && touch "$PLAN_RUN_DIR/STOP"
+    say "launch: time limit near: asked the RL loop to checkpoint and stop ($PLAN_RUN_DIR/STOP); waiting up to ${grace}s"
+    for ((t = 0; t < grace; t++)); do
+      kill -0 "$STEP_PID" 2>/dev/null || break
+      sleep 1
+    done
+    kill -0 "$STEP_PID" 2>/dev/null && say "launch: the RL loop did not stop within ${grace}s; requeueing anyway" \
+      "(it resumes from its newest complete checkpoint)"
+  fi
   if ((RESTART < ${MAX_REQUEUES:-10})); then
-    say "launch: time limit near: requeueing job $JOB_ID (restart $((RESTART + 1)))"
+    say "launch: requeueing job $JOB_ID (restart $((RESTART + 1)))"
     scontrol requeue "$JOB_ID"
   else
     say "launch: time limit near and MAX_REQUEUES=${MAX_REQUEUES:-10} reached: not requeueing"
@@ -268,8 +283,9 @@ launch_recipe() {
   [[ -n ${DRY_RUN:-} ]] && rm -f "$plan_env"
 
   trap _on_timeout USR1
-  say "requeue: on SIGUSR1 (sent before the time limit) -> scontrol requeue $JOB_ID (at most ${MAX_REQUEUES:-10} times); \
-run dir $PLAN_RUN_DIR, checkpoint.resume=$PLAN_RESUME: the loop continues from its newest checkpoint"
+  say "requeue: on SIGUSR1 (sent before the time limit) -> $PLAN_RUN_DIR/STOP (the loop checkpoints and exits), then \
+scontrol requeue $JOB_ID (at most ${MAX_REQUEUES:-10} times); checkpoint.resume=$PLAN_RESUME: the loop continues from \
+its newest checkpoint"
   [[ $PLAN_RESUME == True ]] || say "warning: checkpoint.resume is false: a requeued job starts over"
 
   # 2. conversion, once: the output appears atomically, so its metadata file means a finished conversion

@@ -1,15 +1,18 @@
 """The RLVR actor-learner loop: vLLM generates, Megatron learns with DPPO / CPPO.
 
-One step (colocated placement, every rank runs this function; the engine lives on global rank 0):
+One step (every rank runs this function; rank 0 holds the engine client, see rollouts.py):
 
-    generate   rank 0 samples n responses per prompt with mu's log-probs (and top-K when the loss needs it)
+    generate   the engines sample n responses per prompt with mu's log-probs (and top-K when the loss needs
+               it); with rollout.max_off_policy_lag = 1 they generated step k+1 while step k trained
     reward     rank 0 scores them (a failing verifier scores 0 and is counted) and computes advantages
     train      every rank takes its DP share; `minibatches` optimizer steps; anchor = mu (or pi_old)
-    sync       the learner's weights stream to the engine in HF layout, bounded buckets
+    sync       the learner's weights stream to the engine(s) in HF layout, bounded buckets (colocated: into
+               the local engine; disaggregated: a broadcast to every engine server)
     log        metrics of algorithms.md Sec. 7 to JSONL / TensorBoard / W&B; checkpoint every N steps
 
 Resume: the newest complete checkpoint under run_dir/checkpoints (model, optimizer, RNG, counters, data
-position) is loaded and the engine re-synced, so a restarted run continues with the same data order.
+position) is loaded and the engines re-synced, so a restarted run continues with the same data order.
+A stop request (the file run_dir/STOP, or SIGUSR1) checkpoints at the end of the current step and exits.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ import torch.distributed as dist
 from megatron_rl.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_rl.megatron.hf_checkpoint import export_hf, hf_to_megatron
 from megatron_rl.rewards.base import SafeReward
-from megatron_rl.rollout.engine import EngineConfig, RolloutEngine
+from megatron_rl.rollout.engine import EngineConfig
 from megatron_rl.rollout.mismatch import logprob_mismatch
 from megatron_rl.trainer.advantages import AdvantageConfig, compute_advantages
 from megatron_rl.trainer.config import RLConfig, load_rl_config
 from megatron_rl.trainer.data import DataConfig, PromptDataset, PromptLoader
 from megatron_rl.trainer.learner import (Learner, broadcast_object, build_learner, hf_weights, init_world,
                                          policy_logprobs, rollout_to_samples)
+from megatron_rl.trainer.rollouts import RolloutQueue, check_placement_env, make_engine
 from megatron_rl.utils.config import to_dict
 from megatron_rl.utils.tracking import PhaseTimer, Tracker
 
@@ -40,60 +44,109 @@ log = logging.getLogger("megatron_rl")
 
 
 def train(cfg: RLConfig) -> list[dict]:
-    if cfg.rollout.placement != "colocated":
-        # megatron_rl.rollout.remote has the engine servers; the loop does not drive them yet
-        raise ValueError("`rollout.placement: disaggregated` is not wired into the training loop yet; "
-                         "use `rollout.placement: colocated`")
     rank, world = init_world()
+    check_placement_env(cfg.rollout.placement)
     run_dir = Path(cfg.run_dir)
+    stop = StopRequest(run_dir)
     base_ckpt, hf_dir = prepare_model(cfg, run_dir)
     learner = build_learner(cfg, base_ckpt)
     tokenizer = _tokenizer(hf_dir)
     loader = PromptLoader(PromptDataset(_data_config(cfg), tokenizer), cfg.train.prompts_per_step)
     start = resume(cfg, learner, loader, run_dir / "checkpoints")
-    engine = RolloutEngine(_engine_config(cfg, hf_dir)) if rank == 0 else None
+    engine = make_engine(cfg.rollout.placement, _engine_config(cfg, hf_dir)) if rank == 0 else None
+    queue = RolloutQueue(engine, loader, cfg.rollout.max_off_policy_lag, cfg.train.steps, version=0)
     tracker = Tracker(run_dir, cfg.train.steps, **_tracking(cfg)) if rank == 0 else None
     reward_fn = SafeReward.from_spec(cfg.reward.fn)
-    if start > 0:
-        sync(learner, engine, verify=True)   # the engine started from the base weights
+    colocated_sleep = engine is not None and cfg.rollout.placement == "colocated" and \
+        cfg.rollout.sleep_during_training
+    if start > 0:   # the engines started from the base weights
+        sync(learner, engine, queue, version=start, verify=True)
 
     for step in range(start, cfg.train.steps):
         timer, metrics = PhaseTimer(), {}
-        with timer("generate", tracker, step):
-            records = loader.next_batch()
-            rollout = engine.generate([r.prompt_ids for r in records], prompt_indices=[r.index for r in records],
-                                      step=step, infos=[{"answer": r.answer} for r in records]) if engine else None
+        with timer("generate", tracker, step):   # lag 1: only the wait for a rollout submitted last step
+            records, rollout, data_state, lag_metrics = queue.take(step)
+            metrics.update(lag_metrics)
         with timer("reward", tracker, step):
             samples = score(cfg, rollout, reward_fn, metrics) if rank == 0 else None
             samples = broadcast_object(samples, src=0)
             if rank == 0:
                 record_rollout(run_dir, step, records, rollout)
         with timer("train", tracker, step):
-            if engine and cfg.rollout.sleep_during_training:
+            if colocated_sleep:
                 engine.sleep()      # GPU: hand the engine's memory to the learner (no-op on CPU)
             metrics.update(learn(cfg, learner, samples, first_step=step == start))
         with timer("sync", tracker, step):
-            if engine and cfg.rollout.sleep_during_training:
+            if colocated_sleep:
                 engine.wake_up()    # weights must be resident before they are updated
-            # read back and compare on the first and last step (costs about one more sync)
-            metrics.update(sync(learner, engine, verify=step in (start, cfg.train.steps - 1)))
-        if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.steps:
-            checkpoint(cfg, learner, loader, step + 1, run_dir / "checkpoints")
+            metrics.update(sync(learner, engine, queue, version=step + 1, verify=_verify(cfg, step, start)))
+        stopping = stop.requested()   # collective: every rank agrees
+        if _checkpoint_due(cfg, step) or stopping:
+            checkpoint(cfg, learner, data_state, step + 1, run_dir / "checkpoints")
         if tracker:
             metrics.update(timer.metrics())
             metrics["throughput/tokens_per_second"] = metrics.get("rollout/response_tokens", 0) / max(
                 metrics["time/step"], 1e-9)
             tracker.log(step, metrics)
+        if stopping:
+            if rank == 0:
+                print(f"stopped on request ({stop.reason}) after step {step}: checkpoint saved; the next "
+                      "start resumes from it", flush=True)
+            break
 
     history = tracker.history if tracker else []
-    if cfg.checkpoint.export_hf:
+    if cfg.checkpoint.export_hf and not stop.reason:
         export(learner, run_dir / "hf_final", hf_dir)
     if tracker:
         tracker.plot()
         tracker.close()
     if engine:
         engine.shutdown()
+    stop.close()
     return history
+
+
+def _checkpoint_due(cfg: RLConfig, step: int) -> bool:
+    every = cfg.checkpoint.every
+    return bool(every and (step + 1) % every == 0) or step + 1 == cfg.train.steps
+
+
+def _verify(cfg: RLConfig, step: int, start: int) -> bool:
+    """Read the engines' weights back after this step's sync? (costs about one more sync)"""
+    when = cfg.rollout.weight_check
+    return when == "every" or (when == "first_last" and step in (start, cfg.train.steps - 1))
+
+
+class StopRequest:
+    """A request to checkpoint and exit at the end of the current step: the file run_dir/STOP (launch.sh
+    writes it when SLURM warns of the time limit, before it requeues the job) or SIGUSR1 to any rank.
+    `requested()` is a collective (one tiny all-reduce), so every rank stops after the same step."""
+
+    def __init__(self, run_dir: Path):
+        import signal
+
+        self.path, self.reason, self._signalled = run_dir / "STOP", "", False
+        if dist.get_rank() == 0 and self.path.exists():
+            self.path.unlink()      # left by the run this one resumes
+        dist.barrier()
+        self._previous = signal.signal(signal.SIGUSR1, self._on_signal)
+
+    def _on_signal(self, *_):
+        self._signalled = True
+
+    def requested(self) -> bool:
+        flags = torch.tensor([float(self._signalled), float(dist.get_rank() == 0 and self.path.exists())])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags.any():
+            self.reason = "SIGUSR1" if flags[0] else f"file {self.path}"
+        return bool(flags.any())
+
+    def close(self) -> None:
+        import signal
+
+        signal.signal(signal.SIGUSR1, self._previous)
+        if self.reason and dist.get_rank() == 0 and self.path.exists():
+            self.path.unlink()
 
 
 # ---- phases ------------------------------------------------------------------------------------------------
@@ -158,18 +211,23 @@ def learn(cfg: RLConfig, learner: Learner, samples: list[dict], first_step: bool
     return broadcast_object(out, src=learner.log_rank)
 
 
-def sync(learner: Learner, engine, verify: bool) -> dict:
-    """Stream the learner's weights to the engine; on `verify`, read them back and compare.
-    Every rank drives the weight stream (it is collective); only rank 0 holds the engine."""
+def sync(learner: Learner, engine, queue: RolloutQueue, version: int, verify: bool) -> dict:
+    """Stream the learner's weights (policy step `version`) to the engines; on `verify`, read them back
+    and compare. Every rank drives the weight stream (it is collective); only rank 0 holds the engines.
+    Remote engines first finish the generation in flight (lag 1: the next step's, with the old weights)."""
     bucket = learner.cfg.rollout.weight_sync_bucket_mb << 20
-    out = _drive(hf_weights(learner), lambda w: engine.update_weights(w, max_bucket_bytes=bucket).as_metrics(),
-                 engine)
+    versioned = {"version": version} if hasattr(engine, "submit") else {}
+    out = _drive(hf_weights(learner), lambda w: engine.update_weights(w, max_bucket_bytes=bucket,
+                                                                      **versioned).as_metrics(), engine)
+    queue.weights_updated(version)
     if verify:
         check = _drive(hf_weights(learner), engine.verify_weights if engine else None, engine)
         if check is not None:
             if not check.ok:
-                raise RuntimeError(f"weight sync check failed: {check.summary()}")
+                raise RuntimeError(f"weight sync check failed after the update to step {version}: "
+                                   f"{check.summary()}")
             out["weight_sync/max_abs_diff"] = check.max_abs_diff
+            out["weight_sync/checked"] = 1
     return out or {}
 
 
@@ -182,8 +240,9 @@ def _drive(stream, consume, engine):
     return None
 
 
-def checkpoint(cfg: RLConfig, learner: Learner, loader: PromptLoader, step: int, root: Path) -> None:
-    save_checkpoint(root, learner.actor, extra={"trainer_step": step, "data": loader.state_dict(),
+def checkpoint(cfg: RLConfig, learner: Learner, data_state: dict, step: int, root: Path) -> None:
+    """`data_state`: the prompt loader's position after step - 1's prompts (not the prefetched ones)."""
+    save_checkpoint(root, learner.actor, extra={"trainer_step": step, "data": data_state,
                                                 "config": to_dict(cfg)})
     if dist.get_rank() == 0:   # keep the newest `keep` complete checkpoints
         done = sorted(p for p in root.glob("iter_*") if p.is_dir())

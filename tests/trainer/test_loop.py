@@ -8,13 +8,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_rl.trainer.demo import DemoSpec, prepare_demo
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -37,34 +37,65 @@ def _hf_tensors(path: Path) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    return prepare_demo(root, DemoSpec(sft_steps=20, n_train=200, n_eval=8, sft_examples=100), log=lambda *_: None)
-
-
 def _overrides(run_dir, demo, steps):
     return [f"run_dir={run_dir}", f"model.hf_path={demo['hf_path']}", f"data.train_path={demo['train_path']}",
             f"train.steps={steps}", "train.prompts_per_step=4", "rollout.n_samples=4", "checkpoint.every=1",
             "checkpoint.keep=2", "logging.tensorboard=true", "loss.kl_coef=0.001"]   # + a frozen reference
 
 
-def test_rl_job_end_to_end_and_resume(tmp_path, demo):
-    run_dir = tmp_path / "run"
-    _run(["train", "--config", str(CONFIG), *_overrides(run_dir, demo, 2)], cwd=tmp_path)
+def _start(args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "megatron_rl.trainer.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1]
+
+def _rows(run_dir):
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_rl_job_end_to_end_stop_request_and_resume(tmp_path, demo):
+    """4 steps in two parts: a stop request (the file launch.sh writes before a requeue) during step 1
+    checkpoints and exits; the restart resumes there and finishes with the data order of an unbroken run."""
+    run_dir = tmp_path / "run"
+    args = ["train", "--config", str(CONFIG), *_overrides(run_dir, demo, 4)]
+    proc = _start(args, tmp_path)
+    try:
+        deadline = time.monotonic() + 600
+        while not _rows(run_dir) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (run_dir / "STOP").touch()      # step 0 is logged: its stop check has passed, step 1's has not
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, f"STDOUT:\n{out[-6000:]}\nSTDERR:\n{err[-8000:]}"
+    rows = _rows(run_dir)
+    stopped = rows[-1]["step"]
+    assert [r["step"] for r in rows] == list(range(stopped + 1)) and stopped in (1, 2), rows
+    assert f"stopped on request (file {run_dir / 'STOP'}) after step {stopped}" in out
+    assert not (run_dir / "STOP").exists() and not (run_dir / "hf_final").exists()
+    iters = 2 * (stopped + 1)     # 2 minibatches = 2 optimizer steps per RL step
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*"))[-1] == f"iter_{iters:07d}"
+
+    out = _run(args, cwd=tmp_path).stdout
+    assert "resumed from" in out and f"at step {stopped + 1}" in out
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(stopped + 1)) + list(range(stopped + 1, 4))
     for r in rows:
         assert 0.0 <= r["reward/mean"] <= 1.0 and r["rollout/samples"] == 16
         assert torch.isfinite(torch.tensor(r["loss"])), r
+        assert r["rollout/off_policy_lag"] == 0 and r["rollout/weight_version"] == r["step"]
         # k3 >= 0; at identical weights (first minibatch) it is 0 up to fp32 rounding
         assert r["kl_ref"] >= -1e-8 and torch.isfinite(torch.tensor(r["kl_ref"])), r
-        assert r["weight_sync/max_abs_diff"] == 0.0        # engine == learner after the sync (fp32, exact)
+    # engine == learner after the sync (fp32, exact): rollout.weight_check first_last = the first step of
+    # each part and the run's last step
+    checked = [r["step"] for r in rows if "weight_sync/max_abs_diff" in r]
+    assert checked == sorted({0, stopped + 1, 3}), checked
+    assert all(r["weight_sync/max_abs_diff"] == 0.0 for r in rows if r["step"] in checked)
     # |pi - mu| at identical weights, before the first update: float32 engine vs float32 learner
     assert rows[0]["mismatch/prob_diff_max"] < 1e-3, rows[0]
     assert (run_dir / "summary.png").stat().st_size > 0 and list((run_dir / "tensorboard").iterdir())
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*")) == ["iter_0000002", "iter_0000004"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*")) == ["iter_0000006", "iter_0000008"]
 
     # the policy changed, and the exported HF checkpoint is what transformers loads
     before, after = _hf_tensors(Path(demo["hf_path"])), _hf_tensors(run_dir / "hf_final")
@@ -73,17 +104,18 @@ def test_rl_job_end_to_end_and_resume(tmp_path, demo):
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(run_dir / "hf_final")
 
-    # resume: a restart with more steps continues from step 2, with the data order of an unbroken run
-    out = _run(["train", "--config", str(CONFIG), *_overrides(run_dir, demo, 3)], cwd=tmp_path)
-    assert "resumed from" in out.stdout and "at step 2" in out.stdout
+    # the prompts of every step are those of an unbroken run
     steps = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == [0, 1, 2]
+    assert [s["step"] for s in steps] == [0, 1, 2, 3]
+    assert [s["prompt_indices"] for s in steps] == _loader_order(demo, 4)
+
+
+def _loader_order(demo, steps):
     from megatron_rl.trainer.data import DataConfig, PromptDataset, PromptLoader
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(demo["hf_path"])
     loader = PromptLoader(PromptDataset(DataConfig(path=demo["train_path"], max_prompt_tokens=32), tok), 4)
-    expected = [[r.index for r in loader.next_batch()] for _ in range(3)]
-    assert [s["prompt_indices"] for s in steps] == expected
+    return [[r.index for r in loader.next_batch()] for _ in range(steps)]
 
 
 def test_layout_that_does_not_fit_fails_at_start_up(tmp_path, demo):

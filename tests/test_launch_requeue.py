@@ -1,0 +1,60 @@
+"""The sbatch scripts' time-limit path, run for real (not a dry run) with stand-ins for SLURM's srun and
+scontrol: on SIGUSR1 the launcher asks the RL loop to checkpoint (run_dir/STOP, which trainer/loop.py
+obeys: tests/trainer/test_loop.py), waits for the train step to exit, and only then requeues the job."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.test_recipes import converted
+
+REPO = Path(__file__).resolve().parents[1]
+
+FAKE_SRUN = """#!/bin/bash
+# stands in for the train step: runs until the launcher writes run_dir/STOP, then "checkpoints" and exits
+echo "srun $*" >> "$FAKE_LOG"
+touch "$FAKE_LOG.started"
+for _ in $(seq 1200); do
+  if [[ -f $RUN_DIR/STOP ]]; then echo "train step: saw STOP, checkpointed, exiting" >> "$FAKE_LOG"; exit 0; fi
+  sleep 0.1
+done
+exit 3
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "scontrol $*" >> "$FAKE_LOG"
+"""
+
+
+def test_time_limit_signal_stops_the_loop_at_a_checkpoint_then_requeues(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "PYTHON": sys.executable,
+           "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "gpu001", "FORCE_NODELIST_PARSER": "1",
+           "GPU_MEMORY_GIB": "80", "LOG_ROOT": str(tmp_path / "logs"), "SKIP_CONVERT": "1",
+           "CKPT_DIR": str(converted(tmp_path / "ckpt", "Qwen2.5-7B")), "RUN_DIR": str(tmp_path / "run"),
+           "FAKE_LOG": str(log), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(["bash", str(REPO / "examples" / "qwen2.5-7b" / "sbatch.sh")], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not Path(f"{log}.started").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)          # what `#SBATCH --signal=B:USR1@300` sends to the batch shell
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("srun ") and "--nodelist=gpu001" in calls[0]
+    # the loop's checkpoint comes first, the requeue after the train step has exited
+    assert calls[1:] == ["train step: saw STOP, checkpointed, exiting", "scontrol requeue 4242"], calls
+    assert f"asked the RL loop to checkpoint and stop ({tmp_path / 'run'}/STOP)" in out
+    assert "requeueing job 4242 (restart 1)" in out and "did not stop" not in out
