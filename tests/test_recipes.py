@@ -26,7 +26,10 @@ TOO_SMALL = {
     "qwen2.5-7b": (1, 40, "pipeline stage 0 needs 49.2 GiB per GPU while training (35.2 trainer + 14.0 engine) "
                           "but the GPU has 40 GiB"),
     "qwen2.5-32b": (2, 80, "pipeline stage 0 needs 87.0 GiB per GPU while training"),
-    "llama3.3-70b": (4, 80, "pipeline stage 0 needs 87.4 GiB per GPU while training"),
+    # with train.recompute: full the recipe fits 4 nodes of 80 GiB too (75.5 GiB); 2 nodes cannot hold the
+    # layout at all (test_dry_run_refuses_a_world_size_the_layout_cannot_split)
+    "llama3.3-70b": (4, 64, "pipeline stage 0 needs 69.9 GiB per GPU while training (47.5 trainer + 22.4 engine) "
+                            "but the GPU has 64 GiB"),
 }
 LAUNCH = REPO / "examples" / "common" / "launch.sh"
 
@@ -76,6 +79,10 @@ def test_recipe_configs_load():
     for recipe in RECIPES:
         cfg = load_rl_config(REPO / "examples" / recipe / "config.yaml")
         assert cfg.checkpoint.resume and cfg.model.checkpoint and cfg.model.hf_path.endswith(RECIPES[recipe][3])
+        text = (REPO / "examples" / recipe / "config.yaml").read_text()
+        # the memory settings are written out, so a reader sees what the planner assumed
+        assert "recompute:" in text and "sequence_parallel:" in text
+    assert load_rl_config(REPO / "examples" / "llama3.3-70b" / "config.yaml").train.recompute == "full"
 
 
 def test_dry_run_resolves_and_the_planner_accepts(accepted):
@@ -143,7 +150,8 @@ def test_environment_overrides_reach_the_planner_and_every_node(tmp_path):
     assert plan_cmd[-4:] == want
     assert step_lines(out, "train")[0][2][-4:] == want
     assert f"step convert: skipped ({ckpt} already holds a converted checkpoint)" in out
-    assert f"logs: {tmp_path}/logs/4242/restart2" in out and "run dir /scratch/run1" in out
+    assert f"logs: {tmp_path}/logs/4242/restart2" in out
+    assert "/scratch/run1" in [x for x in out.splitlines() if x.startswith("requeue: ")][0]   # the run dir reached it
 
 
 def test_what_srun_executes_is_what_the_dry_run_printed(tmp_path):
@@ -177,3 +185,26 @@ def test_nodelist_expansion_without_scontrol():
               "'gpu[001-003,010],login1,r[1-2]n[08-09]'")
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30).stdout.split()
     assert out == ["gpu001", "gpu002", "gpu003", "gpu010", "login1", "r1n08", "r1n09", "r2n08", "r2n09"]
+
+
+def test_disaggregated_dry_run_puts_engines_on_the_last_nodes(tmp_path):
+    """The 32B recipe with its rollout moved to 2 engine nodes of its own (6 nodes): the learner keeps the
+    first 4, each engine node runs GPUS_PER_NODE / engine TP servers, and the train step is told where
+    the engines' rendezvous is."""
+    ckpt = converted(tmp_path / "converted", "Qwen2.5-32B")
+    proc = dry_run("qwen2.5-32b", 6, tmp_path, CKPT_DIR=str(ckpt), MASTER_PORT="31000",
+                   EXTRA_OVERRIDES="rollout.placement=disaggregated rollout.engine_nodes=2 rollout.max_off_policy_lag=1")
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    train = step_lines(out, "train")
+    assert [host for _, host, _ in train] == hosts(4)
+    engines = step_lines(out, "engines")
+    assert [host for _, host, _ in engines] == ["gpu005", "gpu006"]
+    for j, (rank, _, argv) in enumerate(engines):
+        assert argv[1:4] == ["-m", "megatron_rl.rollout.remote", "node"]
+        opts = dict(zip(argv[4::2], argv[5::2]))
+        # engine TP 4 (the recipe's rollout.engine_tensor_parallel): 2 servers per 8-GPU node, 4 in all
+        assert opts == {"--rendezvous": "gpu001:31002", "--num-engines": "4", "--node-index": str(j),
+                        "--engines-per-node": "2", "--gpus-per-engine": "4"}, opts
+    assert "MRL_ENGINE_RENDEZVOUS=gpu001:31002 MRL_NUM_ENGINES=4" in out
+    assert out.index("== step engines") < out.index("== step train")   # servers first; they wait for rank 0

@@ -6,7 +6,7 @@
 #   bash launch.sh engine-node  inside srun (disaggregated placement): this node's engine servers
 #
 # Placement (rollout.placement in the config): colocated runs the learner and its engine on every node.
-# disaggregated (planner flag --engine-nodes E, e.g. PLAN_ARGS="--engine-nodes 2") runs the learner on
+# disaggregated (rollout.engine_nodes: E in the config) runs the learner on
 # the first N - E nodes and vLLM engine servers on the last E nodes: GPUS_PER_NODE / rollout.engine_
 # tensor_parallel engines per node (megatron_rl.rollout.remote node). The learner's rank 0 hosts their
 # rendezvous at <first node>:MASTER_PORT+2; MRL_ENGINE_RENDEZVOUS and MRL_NUM_ENGINES are exported to
@@ -18,7 +18,8 @@
 #   HF_DIR CKPT_DIR RUN_DIR DATA   -> model.hf_path, model.checkpoint, run_dir, data.train_path
 #   EXTRA_OVERRIDES    more key=value config overrides (space separated; "\ " for a space in a value)
 #   GPUS_PER_NODE (SLURM_GPUS_ON_NODE, else 8)   GPU_MEMORY_GIB (nvidia-smi, else 80)
-#   PLAN_ARGS          extra planner flags (e.g. --recompute full)   SKIP_CONVERT=1
+#   PLAN_ARGS          extra planner flags (what-if only: the job runs the config's settings; change memory
+#                      settings such as train.recompute in the config or EXTRA_OVERRIDES)   SKIP_CONVERT=1
 #   LOG_ROOT (REPO_DIR/logs)  MASTER_PORT  PYTHON (python)  TORCHRUN (torchrun)  SRUN_ARGS  MAX_REQUEUES (10)
 #   STOP_GRACE_S (240): on the time-limit warning, how long the RL loop gets to checkpoint before the requeue
 # Dry runs also take the SLURM variables from the environment (SLURM_JOB_ID, SLURM_NNODES,
@@ -134,8 +135,8 @@ start_engines() {
   local config=$1 gpus=$2 port=$3 i
   shift 3
   local engine_nodes=$((${#HOSTS[@]} - PLAN_TRAIN_NODES))
-  ((engine_nodes > 0)) || die "rollout.placement is disaggregated but no node is left for the engines (pass the \
-planner --engine-nodes E through PLAN_ARGS)"
+  ((engine_nodes > 0)) || die "rollout.placement is disaggregated but no node is left for the engines (set \
+rollout.engine_nodes in the config)"
   # engine TP from the config (with the same overrides), unless ENGINE_TP says it
   ENGINE_TP=${ENGINE_TP:-$("$PYTHON" -c 'import sys
 from megatron_rl.trainer.config import load_rl_config

@@ -9,6 +9,7 @@ API (for the conversion engineer and the trainer):
     model = build_model(cfg, ps)                      # bare GPTModel for this rank's stage, fp32
     model = build_model(cfg, ps, params_dtype="bfloat16")   # bf16 parameters (wrap with Float16Module
                                                       # through megatron_rl.megatron.training instead)
+    model = build_model(cfg, ps, recompute="full", sequence_parallel=True)   # activation memory options
     state = model.state_dict()                        # megatron names: embedding.word_embeddings.weight,
                                                       # decoder.layers.{i}.self_attention.linear_qkv.weight
                                                       # (local layer indices per stage), output_layer.weight...
@@ -35,6 +36,7 @@ from megatron_rl.patches import megatron_cpu
 from .parallel import ParallelState
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RECOMPUTE = ("none", "selective", "full")   # activation recompute (train.recompute)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -63,15 +65,35 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq.to(torch.float32)
 
 
+def check_memory_options(ps: ParallelState, use_te: bool, recompute: str, sequence_parallel: bool) -> None:
+    """Refuse activation-memory settings this layout or layer spec cannot run (before any model exists)."""
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute={recompute!r} is not one of {RECOMPUTE} (config: train.recompute)")
+    if sequence_parallel and ps.tp < 2:
+        raise ValueError(f"sequence_parallel needs tensor_model_parallel_size > 1, got {ps.tp} "
+                         f"(config: parallel.sequence_parallel, parallel.tensor)")
+    if sequence_parallel and not use_te:
+        # the local spec's torch norm asserts on sequence-parallel input (docs: platform.md)
+        raise ValueError("sequence_parallel needs the transformer-engine layer spec on GPU; the local spec "
+                         "(CPU) cannot run it: set parallel.sequence_parallel: false")
+
+
 def transformer_config(cfg: ModelConfig, ps: ParallelState, *, params_dtype: Optional[str] = None,
                        bf16: bool = False, init_method_std: float = 0.02, use_te: Optional[bool] = None,
-                       recompute: bool = False):
-    """The megatron TransformerConfig for `cfg` under layout `ps` (dropout off: RL fine-tuning)."""
+                       recompute: str = "none", sequence_parallel: bool = False):
+    """The megatron TransformerConfig for `cfg` under layout `ps` (dropout off: RL fine-tuning).
+
+    recompute: `none`; `selective` (megatron's core-attention checkpoint: the attention scores and
+    probabilities are recomputed in backward); `full` (every layer's input is checkpointed and the whole
+    layer recomputed, one layer per unit). Gradients are the same either way (tests/megatron/test_recompute.py).
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     cfg.check_parallel(tp=ps.tp, pp=ps.pp)
     on_gpu = torch.cuda.is_available()
     use_te = on_gpu if use_te is None else use_te
+    check_memory_options(ps, use_te, recompute, sequence_parallel)
+    granularity = None if recompute == "none" else recompute
     dtype = _DTYPES[params_dtype or ("bfloat16" if bf16 else "float32")]
     return TransformerConfig(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
@@ -81,16 +103,18 @@ def transformer_config(cfg: ModelConfig, ps: ParallelState, *, params_dtype: Opt
         add_qkv_bias=cfg.add_qkv_bias, qk_layernorm=cfg.qk_layernorm,
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=init_method_std,
         tensor_model_parallel_size=ps.tp, pipeline_model_parallel_size=ps.pp,
-        context_parallel_size=ps.cp, sequence_parallel=False,
+        context_parallel_size=ps.cp, sequence_parallel=sequence_parallel,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16 or dtype == torch.bfloat16,
         use_cpu_initialization=not on_gpu, perform_initialization=True,
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
         # microbatches are padded to one fixed token budget, so p2p shapes are static
         variable_seq_lengths=False, deallocate_pipeline_outputs=False,
-        recompute_granularity="full" if recompute else None,
-        recompute_method="uniform" if recompute else None,
-        recompute_num_layers=1 if recompute else None,
+        recompute_granularity=granularity,
+        recompute_method="uniform" if granularity == "full" else None,
+        recompute_num_layers=1 if granularity == "full" else None,
+        # explicit rather than megatron's default, which may change between versions
+        recompute_modules=["core_attn"] if granularity == "selective" else None,
     )
 
 
@@ -100,7 +124,7 @@ def layer_offset(cfg: ModelConfig, ps: ParallelState) -> int:
 
 def build_model(cfg: ModelConfig, ps: ParallelState, *, params_dtype: Optional[str] = None,
                 bf16: bool = False, use_te: Optional[bool] = None, init_method_std: float = 0.02,
-                recompute: bool = False):
+                recompute: str = "none", sequence_parallel: bool = False):
     """This rank's pipeline stage of a GPTModel for `cfg`. Deterministic given `ps.seed`.
 
     On CPU the init runs on the CPU generator seeded here, so every layout builds the same full
@@ -114,7 +138,8 @@ def build_model(cfg: ModelConfig, ps: ParallelState, *, params_dtype: Optional[s
     on_gpu = torch.cuda.is_available()
     use_te = on_gpu if use_te is None else use_te
     config = transformer_config(cfg, ps, params_dtype=params_dtype, bf16=bf16, use_te=use_te,
-                                init_method_std=init_method_std, recompute=recompute)
+                                init_method_std=init_method_std, recompute=recompute,
+                                sequence_parallel=sequence_parallel)
     if use_te:
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
     else:

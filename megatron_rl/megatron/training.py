@@ -1,6 +1,7 @@
 """Training wrappers: Float16Module (bf16), DDP with the distributed optimizer, gradient clipping.
 
     chunks, optimizer = build_training(model_cfg, ps, OptimConfig(lr=1e-5, bf16=True))
+    chunks, optimizer = build_training(model_cfg, ps, optim, recompute="selective")   # less activation memory
 
 `chunks` is the list of model chunks megatron's schedules take (one chunk: no virtual pipeline).
 Hooks megatron's schedule needs are set on the TransformerConfig here, once: no_sync (gradient
@@ -87,11 +88,13 @@ def build_optimizer(chunks: list, ps: ParallelState, cfg: OptimConfig):
 
 
 def build_training(model_cfg: ModelConfig, ps: ParallelState, cfg: OptimConfig,
-                   init: Optional[Callable[[torch.nn.Module], None]] = None):
-    """(model chunks [DDP], optimizer) for this rank. `init(model)` runs on the bare model first."""
+                   init: Optional[Callable[[torch.nn.Module], None]] = None, *, recompute: str = "none",
+                   sequence_parallel: bool = False):
+    """(model chunks [DDP], optimizer) for this rank. `init(model)` runs on the bare model first.
+    `recompute` / `sequence_parallel`: activation memory options of the model (see model.transformer_config)."""
     from megatron.core.distributed import finalize_model_grads
 
-    model = build_model(model_cfg, ps, bf16=cfg.bf16)
+    model = build_model(model_cfg, ps, bf16=cfg.bf16, recompute=recompute, sequence_parallel=sequence_parallel)
     if init is not None:
         init(model)
     ddp = wrap_model(model, ps, cfg)

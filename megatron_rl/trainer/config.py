@@ -40,9 +40,16 @@ class ParallelSection:
     tensor: int = 1
     pipeline: int = 1
     context: int = 1              # data parallel = world size / (tensor * pipeline * context)
+    # shard the norm / dropout regions' activations along the sequence over the TP group (Megatron SP);
+    # GPU only: it needs the transformer-engine layer spec (checked at start-up, build_learner)
+    sequence_parallel: bool = False
 
     def __post_init__(self):
         _positive("parallel", tensor=self.tensor, pipeline=self.pipeline, context=self.context)
+        if self.sequence_parallel and self.tensor < 2:
+            raise ValueError(f"`parallel.sequence_parallel` needs `parallel.tensor` > 1 (it shards activations "
+                             f"over the tensor-parallel group), got tensor = {self.tensor}: set "
+                             f"sequence_parallel: false or raise parallel.tensor")
 
 
 @dataclass
@@ -61,7 +68,11 @@ class RolloutSection:
     sleep_during_training: bool = False   # GPU, colocated: free the engine's memory while the learner trains
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     max_off_policy_lag: int = 0   # disaggregated: rollout of step k+1 may overlap training of step k
+    engine_nodes: int = 0         # disaggregated: nodes given to the vLLM engines (the planner, the launcher)
     weight_sync_bucket_mb: int = 256
+    # read the engines' weights back after a sync and compare (costs about one more sync):
+    # first_last = after the first and the last step's sync, every = after every sync, never
+    weight_check: Literal["first_last", "every", "never"] = "first_last"
     seed: int = 0
 
     def __post_init__(self):
@@ -82,6 +93,11 @@ class RolloutSection:
             raise ValueError("`rollout.max_off_policy_lag` must be 0 or 1")
         if self.max_off_policy_lag and self.placement != "disaggregated":
             raise ValueError("`rollout.max_off_policy_lag` = 1 needs `rollout.placement: disaggregated`")
+        if self.engine_nodes < 0:
+            raise ValueError(f"`rollout.engine_nodes` must be >= 0, got {self.engine_nodes}")
+        if self.engine_nodes and self.placement != "disaggregated":   # colocated engines share every node
+            raise ValueError(f"`rollout.engine_nodes` = {self.engine_nodes} applies only to `rollout.placement: "
+                             f"disaggregated`; set engine_nodes: 0 or the placement to disaggregated")
 
 
 @dataclass
@@ -117,6 +133,9 @@ class TrainSection:
     prompts_per_step: int = 32
     minibatches: int = 1          # optimizer steps per rollout batch
     micro_batch_tokens: int = 4096    # packing budget per microbatch (whole sequences only)
+    # activation recompute: none; selective (core attention's scores recomputed in backward); full (only
+    # each layer's input kept, the layer recomputed). Less activation memory, more compute, same gradients.
+    recompute: Literal["none", "selective", "full"] = "none"
     lr: float = 1e-6
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -166,6 +185,21 @@ class RLConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def __post_init__(self):
+        p, mbt = self.parallel, self.train.micro_batch_tokens
+        if p.sequence_parallel and mbt % (p.tensor * p.context):
+            # each CP rank's microbatch row (micro_batch_tokens / context) is split over the TP ranks
+            raise ValueError(f"`train.micro_batch_tokens` = {mbt} must be a multiple of parallel.tensor x "
+                             f"parallel.context = {p.tensor * p.context} with `parallel.sequence_parallel` "
+                             f"(each row is split along the sequence over the tensor-parallel ranks)")
+
+    def check_hardware(self, cuda: bool) -> None:
+        """What the machine must offer for these settings (start-up, before any process group)."""
+        if self.parallel.sequence_parallel and not cuda:
+            raise ValueError("`parallel.sequence_parallel` needs the transformer-engine layer spec on GPU; "
+                             "without CUDA the local spec's norm cannot take sequence-parallel input: set "
+                             "parallel.sequence_parallel: false")
 
     @property
     def logprobs_topk(self) -> int:

@@ -65,6 +65,7 @@ class Learner:
 def build_learner(cfg: RLConfig, checkpoint_dir: str | Path) -> Learner:
     """Model + distributed optimizer + actor at the config's layout, weights from `checkpoint_dir`
     (a converted Megatron checkpoint; resuming from a training checkpoint happens afterwards)."""
+    cfg.check_hardware(cuda=torch.cuda.is_available())
     model_cfg, _ = read_metadata(checkpoint_dir)
     cfg.check_layout(model_cfg, dist.get_world_size())
     p = cfg.parallel
@@ -72,7 +73,8 @@ def build_learner(cfg: RLConfig, checkpoint_dir: str | Path) -> Learner:
     t = cfg.train
     optim = OptimConfig(lr=t.lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
                         clip_grad=t.clip_grad, bf16=cfg.model.dtype == "bfloat16")
-    chunks, optimizer = build_training(model_cfg, ps, optim, init=lambda m: load_weights(m, checkpoint_dir))
+    chunks, optimizer = build_training(model_cfg, ps, optim, init=lambda m: load_weights(m, checkpoint_dir),
+                                       recompute=t.recompute, sequence_parallel=p.sequence_parallel)
     step_cfg = StepConfig(microbatch_tokens=t.micro_batch_tokens, num_minibatches=t.minibatches,
                           max_response_length=cfg.rollout.max_response_length)
     loss_fn = policy_loss_fn(model_cfg, ps, cfg.loss, temperature=cfg.rollout.temperature)
@@ -81,7 +83,9 @@ def build_learner(cfg: RLConfig, checkpoint_dir: str | Path) -> Learner:
     if cfg.loss.kl_coef > 0:   # KL to the initial policy: a frozen, forward-only copy of the start weights
         from megatron_rl.megatron.model import build_model
 
-        ref_model = build_model(model_cfg, ps, bf16=optim.bf16)
+        # no recompute (it never runs backward); the same sequence parallelism as the actor, whose
+        # packed microbatches it shares
+        ref_model = build_model(model_cfg, ps, bf16=optim.bf16, sequence_parallel=p.sequence_parallel)
         load_weights(ref_model, checkpoint_dir)
         ref_model.requires_grad_(False)
         reference = Actor(model_cfg, ps, [ref_model], None, step_cfg, loss_fn=None)

@@ -45,6 +45,7 @@ log = logging.getLogger("megatron_rl")
 
 def train(cfg: RLConfig) -> list[dict]:
     rank, world = init_world()
+    cfg.check_hardware(cuda=torch.cuda.is_available())     # before the conversion writes anything
     check_placement_env(cfg.rollout.placement)
     run_dir = Path(cfg.run_dir)
     stop = StopRequest(run_dir)

@@ -90,6 +90,65 @@ def test_world_size_refusal_lists_node_counts_that_work():
     assert "use 4 or 8 or 12 or 16 nodes" in plan.errors[0]
 
 
+# ------------------------------------------------------------------------------------------- the config keys it reads
+
+@pytest.mark.parametrize("change,needle", [
+    (dict(train={"recompute": "partial"}), "`train.recompute` = 'partial' is not allowed"),
+    (dict(parallel={"tensor": 1, "sequence_parallel": True}), "`parallel.sequence_parallel` needs `parallel.tensor` > 1"),
+    (dict(parallel={"sequence_parallel": "yes"}), "`parallel.sequence_parallel` must be true or false"),
+    (dict(parallel={"sequence_parallel": True}, train={"micro_batch_tokens": 2052}),
+     "`train.micro_batch_tokens` = 2052 must be a multiple of parallel.tensor x parallel.context = 8"),
+    (dict(rollout={"engine_nodes": -1}), "`rollout.engine_nodes` must be >= 0"),
+    (dict(rollout={"engine_nodes": 2}), "`rollout.engine_nodes` = 2 applies only to `rollout.placement: disaggregated`"),
+    (dict(rollout={"engine_nodes": 1.5}), "`rollout.engine_nodes` must be an integer"),
+])
+def test_memory_and_placement_keys_are_validated_naming_the_key(change, needle):
+    with pytest.raises(ValueError) as e:
+        rl_config(**change)
+    assert needle in str(e.value)
+
+
+def test_sequence_parallel_is_refused_without_cuda_at_start_up():
+    cfg = rl_config(parallel={"sequence_parallel": True})
+    cfg.check_hardware(cuda=True)
+    with pytest.raises(ValueError, match="`parallel.sequence_parallel` needs the transformer-engine layer spec on GPU"):
+        cfg.check_hardware(cuda=False)
+    rl_config().check_hardware(cuda=False)
+
+
+def test_recompute_choices_agree_between_config_model_and_planner():
+    import typing
+
+    from megatron_rl.megatron.model import RECOMPUTE as MODEL_RECOMPUTE
+    from megatron_rl.trainer.config import TrainSection
+    from megatron_rl.trainer.plan import RECOMPUTE
+
+    assert typing.get_args(typing.get_type_hints(TrainSection)["recompute"]) == RECOMPUTE == MODEL_RECOMPUTE
+
+
+def test_planner_reads_the_config_keys():
+    m, cluster = known("Llama-3.3-70B"), Cluster(8, 8, 80)
+    base = make_plan(rl_config(), m, cluster)
+    sp = make_plan(rl_config(parallel={"sequence_parallel": True}, train={"recompute": "selective"},
+                             rollout={"sleep_during_training": True}), m, cluster)
+    assert (sp.setup.sp, sp.setup.recompute, sp.setup.engine_sleep) == (True, "selective", True)
+    assert sp.stages[0].total < base.stages[0].total and not sp.notes
+    # the same keys as flags estimate the same, with a note that the trainer runs with the config
+    flags = make_plan(rl_config(), m, cluster, PlanOptions(recompute="selective", sequence_parallel=True,
+                                                           engine_sleep=True))
+    assert flags.stages[0].total == sp.stages[0].total and len(flags.notes) == 3
+    # disaggregated: the engines' nodes come from rollout.engine_nodes
+    dis = make_plan(rl_config(rollout={"placement": "disaggregated", "engine_nodes": 4}), m, Cluster(12, 8, 80))
+    assert dis.ok and dis.setup.train_gpus == 64 and dis.engine["engines"] == 4
+    none = make_plan(rl_config(rollout={"placement": "disaggregated"}), m, Cluster(12, 8, 80))
+    assert any("needs 0 < rollout.engine_nodes < nodes; got 0" in e for e in none.errors), none.errors
+    cpu = make_plan(rl_config(parallel={"sequence_parallel": True}), m, cluster, PlanOptions(backend="cpu"))
+    assert any("parallel.sequence_parallel needs the transformer-engine layer spec" in e for e in cpu.errors)
+    tp1 = make_plan(rl_config(parallel={"tensor": 1, "pipeline": 8}), known("Qwen2.5-7B"), Cluster(1, 8, 80),
+                    PlanOptions(sequence_parallel=True))
+    assert any("parallel.sequence_parallel needs parallel.tensor > 1" in e for e in tp1.errors)
+
+
 # ------------------------------------------------------------------------------------------- memory
 
 def test_memory_refusal_names_what_would_fit():
@@ -99,11 +158,17 @@ def test_memory_refusal_names_what_would_fit():
     assert not plan.ok
     assert "pipeline stage 0 needs 92.8 GiB per GPU while training" in plan.errors[0]
     text = format_plan(plan)
-    assert "REJECTED" in text and "train.recompute: full" in text and "rollout.enable_sleep_mode: true" in text
+    assert "REJECTED" in text and "train.recompute: full ->" in text and "rollout.sleep_during_training: true ->" in text
+    assert "parallel.sequence_parallel: true ->" in text and "proposed" not in text
     fixed = make_plan(cfg, known("Llama-3.3-70B"), Cluster(8, 8, 80), PlanOptions(recompute="full"))
     assert fixed.ok
-    # the flag is not a config key yet: the plan says the trainer would not apply it
-    assert any("RLConfig has no `train.recompute`" in n for n in fixed.notes)
+    # a flag that differs from the config: the plan says the trainer runs with the config's value
+    assert any("train.recompute = full comes from a planner flag, the config has none" in n for n in fixed.notes)
+    configured = make_plan(rl_config(rollout={"max_prompt_length": 1024, "max_response_length": 3072},
+                                     train={"micro_batch_tokens": 4096, "recompute": "full"}),
+                           known("Llama-3.3-70B"), Cluster(8, 8, 80))
+    assert configured.ok and not any("planner flag" in n for n in configured.notes)
+    assert configured.stages[0].total == fixed.stages[0].total
 
 
 def test_activation_terms_follow_the_1f1b_schedule_and_recompute():
