@@ -13,6 +13,8 @@ Every setting below exists because of a measured trap (platform.md, vLLM section
   sampled token followed by exactly K top entries in rank order, hence fixed-shape [T, K] rows.
 - Multiprocess mode by default: the in-process engine clashes with a trainer's torch.distributed group.
 - sleep / wake_up do nothing on CPU and `enable_sleep_mode` is rejected there: GPU only, guarded.
+- Tensor parallelism on CPU: vLLM's automatic thread binding needs a NUMA node per worker and refuses
+  to start otherwise, so on smaller machines the cores are split explicitly (cpu_thread_binding).
 """
 
 from __future__ import annotations
@@ -140,16 +142,39 @@ def _generation_config_eos(model_dir: str) -> set[int]:
 
 
 @contextlib.contextmanager
-def _env(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
+def _env(values: dict[str, str]):
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def cpu_thread_binding(tp: int, numa_nodes: int, cpus: Sequence[int]) -> Optional[str]:
+    """VLLM_CPU_OMP_THREADS_BIND for a CPU engine of `tp` workers, or None to keep vLLM's "auto".
+
+    "auto" pins each TP worker to a NUMA node of its own and refuses to start with fewer nodes than
+    workers ("Not enough allowed NUMA nodes", then "Engine core initialization failed"), i.e. on any
+    one-socket machine. There the usable cores are split into `tp` groups, one per worker ("0|1" for
+    two cores); like "auto", a core per worker is left to the engine core's scheduler when there are
+    at least two per worker.
+    """
+    if tp == 1 or numa_nodes >= tp:
+        return None
+    cpus = sorted(cpus)
+    if len(cpus) < tp:
+        raise ValueError(f"rollout engine config: `tensor_parallel_size` {tp} on CPU needs at least {tp} usable "
+                         f"cores (this process may use {len(cpus)}): lower it, or set VLLM_CPU_OMP_THREADS_BIND "
+                         "yourself (vLLM's 'nobind' shares all cores between the workers)")
+    if len(cpus) >= 2 * tp:
+        cpus = cpus[: len(cpus) - tp]
+    per = len(cpus) // tp
+    return "|".join(",".join(str(c) for c in cpus[i * per: (i + 1) * per]) for i in range(tp))
 
 
 def parse_logprobs(per_position, response_ids: Sequence[int], k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -203,14 +228,23 @@ class RolloutEngine:
     """Owns one `vllm.LLM`. Only the rank that builds it may call it."""
 
     def __init__(self, config: EngineConfig):
-        from vllm import LLM   # the only vllm import site besides worker_ext's host process
+        from vllm import LLM   # vllm is imported lazily, here and in worker_ext (inside vLLM's workers)
 
         self.config = config
         self.cuda = torch.cuda.is_available()
         if config.enable_sleep_mode and not self.cuda:
             log.info("rollout engine: enable_sleep_mode ignored (vLLM sleep mode is GPU-only)")
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if config.multiprocess else "0"}
+        if not self.cuda and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            from vllm.utils.cpu_resource_utils import get_visible_memory_node   # what vLLM's check counts
+
+            bind = cpu_thread_binding(config.tensor_parallel_size, len(get_visible_memory_node()),
+                                      os.sched_getaffinity(0))
+            if bind is not None:
+                env["VLLM_CPU_OMP_THREADS_BIND"] = bind
+                log.info("rollout engine: CPU workers bound to cores %s (VLLM_CPU_OMP_THREADS_BIND)", bind)
         t0 = time.perf_counter()
-        with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if config.multiprocess else "0"):
+        with _env(env):
             self.llm = LLM(**config.vllm_kwargs(self.cuda))
         self.start_seconds = time.perf_counter() - t0
         mode = type(self.llm.llm_engine.engine_core).__name__

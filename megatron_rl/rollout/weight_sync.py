@@ -10,6 +10,8 @@ Two traps shape this file (platform.md, vLLM section):
 - In multiprocess mode raw tensors cannot be `collective_rpc` arguments; a bucket travels as safetensors
   bytes (worker_ext.WeightSyncExtension unpacks it).
 After a sync the prefix cache is reset: KV blocks computed with the old weights must not be reused.
+With engine tensor parallelism each worker reads back only its slice (worker_ext); the driver side here
+merges the workers' answers: a name matches only when every worker's slice does.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional, Protocol
+from typing import Iterable, Iterator, NamedTuple, Optional, Protocol
 
 import torch
 from safetensors.torch import load as st_load
@@ -187,9 +189,39 @@ class WeightCheck:
         return "; ".join(parts)
 
 
+class ShardLayout(NamedTuple):
+    """Where one engine worker's tensor `t` sits in the full HF tensor: full.narrow(dim, start, t.shape[dim])."""
+    dim: int
+    start: int
+    full: int     # the full tensor's size along `dim`
+
+    def full_shape(self, shape) -> tuple:
+        return tuple(self.full if d == self.dim else int(n) for d, n in enumerate(shape))
+
+    def slice(self, full: torch.Tensor, shape) -> torch.Tensor:
+        return full.narrow(self.dim, self.start, int(shape[self.dim]))
+
+
+def merge_worker_checks(results: list[dict]) -> dict:
+    """One mrl_compare_weights answer from every worker's (each compared its own slice): a name's diff is
+    the largest over the workers (NaN wins), and a name missing or of the wrong shape on any worker is so."""
+    diffs: dict[str, float] = {}
+    missing: dict[str, None] = {}      # ordered set
+    shapes: dict[str, list] = {}
+    for res in results:
+        for name, d in res["diffs"].items():
+            prev = diffs.get(name)
+            diffs[name] = d if prev is None or d != d or d > prev else prev
+        missing.update(dict.fromkeys(res["missing"]))
+        for name, s in res["shapes"].items():
+            shapes.setdefault(name, s)
+    return {"diffs": {n: d for n, d in diffs.items() if n not in missing and n not in shapes},
+            "missing": list(missing), "shapes": shapes}
+
+
 def verify_weights(engine: RpcEngine, named_tensors: Iterable[tuple[str, torch.Tensor]],
                    max_bucket_bytes: int = DEFAULT_BUCKET_BYTES, atol: float = 0.0) -> WeightCheck:
-    """Compare the engine's weights with the learner's, name by name, inside the engine's worker.
+    """Compare the engine's weights with the learner's, name by name, inside the engine's workers.
 
     The expected tensors travel in buckets like a sync (bounded memory); only per-name max abs diffs
     come back. Each expected tensor is cast to the engine's dtype first, so a correct sync gives 0.
@@ -198,7 +230,7 @@ def verify_weights(engine: RpcEngine, named_tensors: Iterable[tuple[str, torch.T
     sent = set()
     for bucket in plan_buckets(named_tensors, max_bucket_bytes):
         sent.update(n for n, _ in bucket)
-        res = engine.collective_rpc("mrl_compare_weights", args=(serialize_bucket(bucket),))[0]
+        res = merge_worker_checks(engine.collective_rpc("mrl_compare_weights", args=(serialize_bucket(bucket),)))
         for name, d in res["diffs"].items():
             check.num_checked += 1
             check.max_abs_diff = max(check.max_abs_diff, d)
@@ -206,12 +238,29 @@ def verify_weights(engine: RpcEngine, named_tensors: Iterable[tuple[str, torch.T
                 check.mismatched[name] = d
         check.missing += res["missing"]
         check.shape_mismatch.update({k: tuple(tuple(s) for s in v) for k, v in res["shapes"].items()})
-    engine_names = engine.collective_rpc("mrl_param_names")[0]
+    engine_names = engine.collective_rpc("mrl_param_names")[0]   # the same HF names on every worker
     check.not_checked = sorted(set(engine_names) - sent)
     return check
 
 
 def read_engine_weights(engine: RpcEngine, names: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
-    """The engine's weights in HF naming (all when `names` is None); for tests and debugging of small
-    models, since every tensor comes back whole."""
-    return dict(st_load(engine.collective_rpc("mrl_read_weights", args=(names,))[0]))
+    """The engine's weights in HF naming (all when `names` is None), the workers' slices put together;
+    for tests and debugging of small models, since every tensor comes back whole."""
+    out: dict[str, torch.Tensor] = {}
+    covered: dict[str, torch.Tensor] = {}
+    for res in engine.collective_rpc("mrl_read_weights", args=(names,)):
+        for name, t in st_load(res["tensors"]).items():
+            lay = res["layouts"][name]
+            if lay is None:
+                out.setdefault(name, t)
+                continue
+            lay = ShardLayout(*lay)
+            if name not in out:
+                out[name] = t.new_zeros(lay.full_shape(t.shape))
+                covered[name] = torch.zeros(lay.full, dtype=torch.bool)
+            lay.slice(out[name], t.shape).copy_(t)
+            covered[name][lay.start: lay.start + t.shape[lay.dim]] = True
+    gaps = [n for n, c in covered.items() if not bool(c.all())]
+    if gaps:
+        raise RuntimeError(f"read_engine_weights: the workers' slices leave parts of {gaps[:8]} uncovered")
+    return out
