@@ -9,17 +9,19 @@ Methods, each forward + backward of a scalar built from the per-token outputs:
   (b+H) ours, binary path plus the entropy (bonus / metric)          (vocab_parallel_token_stats)
   (b-ip) (b) with inplace_backward=True: the gradient overwrites the logits, as (a) does
   (c) ours, top-K path: log p at the rollout's top-20 ids + the sampled token   (K + 1 = 21 ids)
+  (L) the Megatron step's whole binary loss: vocab_parallel_policy_loss(dppo_binary_tv) with
+      inplace_backward=True, as megatron_rl.megatron.policy.policy_loss_fn calls it
   (d) the naive approach: all-gather the full vocabulary, log_softmax, gather target and top-K ids
 
 Method: per (V, dtype, tp), one set of tp gloo processes (one thread each) runs the methods interleaved
-(a, b, b+H, b-ip, c, then again), so a slow spell on a shared machine hits them alike. Rep 0 warms up.
+(a, b, b+H, b-ip, c, L, then again), so a slow spell on a shared machine hits them alike. Rep 0 warms up.
 Each run gets fresh logits (megatron-core overwrites its input); then the peak-RSS counter is reset
 (`echo 5 > /proc/self/clear_refs`) and the RSS read. A run's time = wall clock of forward + backward
 (torch.autograd.grad w.r.t. the logits) on the slowest rank. Reported time = the fastest of --reps runs
 (the least-disturbed one on a shared machine); t/t(a) = min / min of (a); `med` = the median over rounds
 of t(method) / t(a) within the same round, as a check. Peak extra memory = VmHWM - RSS before the
 forward, max over runs and ranks: everything forward + backward allocates beyond the logits shard,
-including the returned gradient (a new [N, V/tp] tensor, except in (a) fp32 and (b-ip), which reuse
+including the returned gradient (a new [N, V/tp] tensor, except in (a) fp32, (b-ip) and (L), which reuse
 the logits' storage). (d) runs in its own processes beside its own (a) at --naive-tokens (its
 full-vocabulary copies do not fit a shared 24 GB machine at 4096 tokens); its ratios are against that
 (a). Bytes all-reduced per token: the payload of every all_reduce / all_gather call (torch.distributed
@@ -43,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-METHODS = ("a", "b", "b+H", "b-ip", "c", "d")
+METHODS = ("a", "b", "b+H", "b-ip", "c", "L", "d")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 K = 20
 
@@ -92,7 +94,9 @@ def _rank(rank, tp, port, args, q):
     warnings.filterwarnings("ignore")   # megatron-core's "no transformer-engine / apex" notices
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp,
                             timeout=datetime.timedelta(seconds=3600))
-    from megatron_rl.parallel import VocabShard, vocab_parallel_logprobs, vocab_parallel_token_stats
+    from megatron_rl.losses import GlobalCounts, LossConfig
+    from megatron_rl.parallel import (VocabShard, vocab_parallel_logprobs, vocab_parallel_policy_loss,
+                                      vocab_parallel_token_stats)
 
     vocab, n, dtype = args["vocab"], args["tokens"], getattr(torch, DTYPES[args["dtype"]])
     vpad = -(-vocab // (128 * tp)) * (128 * tp)
@@ -104,6 +108,10 @@ def _rank(rank, tp, port, args, q):
     target = torch.randint(0, vocab, (n,), generator=gg)
     ids = torch.cat([target[:, None], torch.randint(0, vocab, (n, K), generator=gg)], dim=1)
     weights = torch.randn(n, K + 1, generator=gg)
+    rollout = dict(tokens=target, rollout_logprobs=-5 * torch.rand(n, generator=gg) - 0.1,
+                   advantages=weights[:, 0].clone(), loss_mask=torch.ones(n, dtype=torch.bool))
+    loss_cfg = LossConfig(mode="dppo_binary_tv", loss_agg_mode="token-mean")
+    counts = GlobalCounts(num_tokens=n, num_sequences=1)
 
     def fresh():
         """New logits [n, W] each run (megatron-core overwrites its input), tiled from a random block."""
@@ -130,6 +138,10 @@ def _rank(rank, tp, port, args, q):
         st = vocab_parallel_token_stats(x, ids, shard, group)
         return grad_of((st.logprobs * weights).sum(), x)
 
+    def step_l(x):
+        loss, _ = vocab_parallel_policy_loss(x, rollout, loss_cfg, counts, shard, group, inplace_backward=True)
+        return grad_of(loss, x)
+
     class _Gather(torch.autograd.Function):   # the peers' approach: every rank holds the full vocabulary
         @staticmethod
         def forward(ctx, x):
@@ -147,7 +159,7 @@ def _rank(rank, tp, port, args, q):
         return grad_of((logp.gather(1, ids) * weights).sum(), x)
 
     steps = {"a": step_a, "b": step_b, "b+H": step_bh, "b-ip": lambda x: step_b(x, True), "c": step_c,
-             "d": step_d}
+             "L": step_l, "d": step_d}
     if "a" in args["methods"]:
         from megatron.core import parallel_state, tensor_parallel
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
@@ -241,7 +253,7 @@ def main():
                         ratio = min(r["times"]) / min(base["times"])
                         med = statistics.median(t / tb for t, tb in zip(r["times"], base["times"]))
                         t = min(r["times"])
-                        goal = {"b": 1.10, "b-ip": 1.10, "c": 1.25}.get(m)
+                        goal = {"b": 1.10, "b-ip": 1.10, "L": 1.10, "c": 1.25}.get(m)
                         ok = "-"
                         if goal is not None:
                             mem_ok = m == "c" or r["peak"] <= base["peak"] + chunk

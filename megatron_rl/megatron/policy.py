@@ -2,7 +2,8 @@
 microbatch to its contribution to the global loss (identical on every TP rank).
 
 - `policy_loss_fn(...)`: the policy losses of megatron_rl.losses (ppo, dppo_*, cppo, ...), per
-  microbatch on the last pipeline stage; CPPO masks are computed here per microbatch.
+  microbatch on the last pipeline stage: an adapter from the microbatch to the one whole-loss path,
+  megatron_rl.parallel.vocab_parallel_policy_loss (CPPO masks per microbatch, CP carry included).
 - `token_loss_fn(...)`: -A_t * log pi(a_t), token-mean over global counts; a plain baseline for tests.
 """
 
@@ -11,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from megatron_rl.losses.config import LossConfig
-from megatron_rl.losses.inputs import GlobalCounts, PolicyInputs
+from megatron_rl.losses.inputs import GlobalCounts
 from megatron_rl.model_config import ModelConfig
-from megatron_rl.parallel.context_parallel import with_cp_fields
+from megatron_rl.parallel.loss import vocab_parallel_policy_loss
 from megatron_rl.parallel.vocab_parallel import VocabShard, vocab_parallel_token_stats
 
 from .packing import Microbatch
@@ -59,48 +60,49 @@ def token_loss_fn(model_cfg: ModelConfig, ps: ParallelState, temperature: float 
     return fn
 
 
-def policy_loss_fn(model_cfg: ModelConfig, ps: ParallelState, loss_cfg: LossConfig, temperature: float = 1.0):
-    """The configured policy loss on one microbatch. Fields read from the microbatch (aligned with the
-    labels by packing): loss_mask, advantages, rollout_logprobs; old_logprobs (anchor 'old'); topk_ids
-    and topk_logprobs (the rollout's top-K of mu, for top-K divergences); ref_logprobs (kl_coef > 0)."""
-    from megatron_rl.losses import compute_policy_loss
+def policy_loss_fn(model_cfg: ModelConfig, ps: ParallelState, loss_cfg: LossConfig, temperature: float = 1.0,
+                   inplace_backward: bool = True):
+    """The configured policy loss on one microbatch: megatron_rl.parallel.vocab_parallel_policy_loss fed
+    from the microbatch. Fields read (aligned with the labels by packing): loss_mask, advantages,
+    rollout_logprobs; old_logprobs (anchor 'old'); topk_ids and topk_logprobs (the rollout's top-K of mu,
+    for top-K divergences); ref_logprobs (kl_coef > 0). Under CP, the loss's CP hook gets the CP group.
 
+    inplace_backward (default True): the vocabulary pass writes the logits' gradient over the logits, as
+    megatron-core's vocab_parallel_cross_entropy does: no fresh [S, V/tp] gradient buffer (in fp32 the
+    whole memory gap to megatron-core, and most of the time gap on CPU: docs/bench_vocab_parallel.md).
+    Safe in Actor's step because nothing reads the logits after the loss: the output layer's backward
+    needs its input and weight, not its output; the schedule keeps only the loss and the metrics; under
+    bf16 the logits are Float16Module's fp32 copy, read by nobody else. A future reader that saved them
+    for its backward would fail loudly on autograd's version counter, never silently. (Actor passes the
+    logits as a view of the model output, so the gradient reaches the output layer without a copy.)
+    Pass False to wrap this loss_fn in something that reads the logits after it.
+    """
     shard, group = _shard(model_cfg, ps), _tp_group(ps)
+    cp_group = ps.cp_group if ps.cp > 1 else None
     div = loss_cfg.divergence_name or ""
     need_topk = div.startswith("topk")
     if div.startswith("exact"):
         raise ValueError(f"LossConfig.mode={loss_cfg.mode!r} / divergence={div!r}: the exact divergences need "
                          f"the full vocabulary per token and are a single-process test oracle; not supported "
                          f"in the Megatron step")
-    need_entropy = loss_cfg.entropy_coef > 0
 
     def fn(logits: torch.Tensor, mb: Microbatch, counts):
         f = {k: v[0] for k, v in mb.fields.items()}
-        labels = mb.labels[0]
-        ids = labels[:, None]
+        cu = mb.cp_local_cu if mb.cp_local_cu is not None else full_cu_seqlens(mb)
+        rollout = dict(tokens=mb.labels[0], rollout_logprobs=f["rollout_logprobs"].float(),
+                       advantages=f["advantages"].float(), loss_mask=f["loss_mask"] != 0, cu_seqlens=cu)
         if need_topk:
             if "topk_ids" not in f:
                 raise ValueError(f"LossConfig.mode={loss_cfg.mode!r}: samples need `topk_ids` and "
                                  f"`topk_logprobs` (the rollout's top-K)")
-            ids = torch.cat([ids, f["topk_ids"].long()], dim=1)
-        stats = vocab_parallel_token_stats(logits, ids, shard, group, temperature=temperature,
-                                           entropy=need_entropy)
-        lp = stats.logprobs.float()
-        extra = {}
-        if need_topk:
-            extra.update(topk_ids=f["topk_ids"].long(), topk_logprobs=lp[:, 1:],
-                         anchor_topk_logprobs=f["topk_logprobs"].float(), tokens=labels)
+            rollout.update(topk_ids=f["topk_ids"].long(), anchor_topk_logprobs=f["topk_logprobs"].float())
         for k in ("old_logprobs", "ref_logprobs"):
             if k in f:
-                extra[k] = f[k].float()
-        cu = mb.cp_local_cu if mb.cp_local_cu is not None else full_cu_seqlens(mb)
-        inputs = PolicyInputs(logprobs=lp[:, 0], rollout_logprobs=f["rollout_logprobs"].float(),
-                              advantages=f["advantages"].float(), loss_mask=f["loss_mask"] != 0,
-                              cu_seqlens=cu, entropy=stats.entropy, **extra)
-        if ps.cp > 1:   # whole-sequence CPPO scan / counts across the CP chunks (one all-gather)
-            inputs = with_cp_fields(loss_cfg, inputs, ps.cp_group, counts.max_response_length)
+                rollout[k] = f[k].float()
         gc = GlobalCounts(counts.num_tokens, counts.num_sequences, counts.max_response_length)
-        loss, metrics = compute_policy_loss(loss_cfg, inputs, gc)
+        loss, metrics = vocab_parallel_policy_loss(logits, rollout, loss_cfg, gc, shard, group,
+                                                   temperature=temperature, inplace_backward=inplace_backward,
+                                                   cp_group=cp_group)
         return loss, {k: v for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))
                       and (not isinstance(v, torch.Tensor) or v.numel() == 1)}
     return fn

@@ -140,7 +140,9 @@ class Actor:
 
     def _megatron_loss(self, mb: Microbatch, output: torch.Tensor):
         """THE loss adapter (last pipeline stage, once per microbatch)."""
-        logits = output[0] if output.dim() == 3 else output   # [S, V/tp]
+        # [1, S, V/tp] -> [S, V/tp] by a view: indexing (output[0]) would make autograd allocate and
+        # zero-fill a whole new [1, S, V/tp] gradient, undoing the loss's inplace_backward saving
+        logits = output.squeeze(0) if output.dim() == 3 else output
         contribution, metrics = self.loss_fn(logits, mb, self._counts)
         # Undo megatron's 1 / (num_microbatches * dp): see the module docstring. The only place.
         scaled = contribution * (self._num_microbatches * self.ps.dp)

@@ -16,7 +16,7 @@ from megatron_rl.parallel.vocab_parallel import (
     vocab_parallel_topk,
 )
 
-_LAZY = {"PolicyBatch", "vocab_parallel_policy_loss"}
+_LAZY = {"POLICY_FIELDS", "ROLLOUT_FIELDS", "vocab_parallel_policy_loss"}
 
 
 def __getattr__(name):   # PEP 562: the loss-level names, imported when first asked for
@@ -28,7 +28,8 @@ def __getattr__(name):   # PEP 562: the loss-level names, imported when first as
 
 
 __all__ = [
-    "PolicyBatch",
+    "POLICY_FIELDS",
+    "ROLLOUT_FIELDS",
     "TokenStats",
     "VocabShard",
     "vocab_parallel_entropy",
