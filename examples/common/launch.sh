@@ -18,8 +18,8 @@
 #   HF_DIR CKPT_DIR RUN_DIR DATA   -> model.hf_path, model.checkpoint, run_dir, data.train_path
 #   EXTRA_OVERRIDES    more key=value config overrides (space separated; "\ " for a space in a value)
 #   GPUS_PER_NODE (SLURM_GPUS_ON_NODE, else 8)   GPU_MEMORY_GIB (nvidia-smi, else 80)
-#   PLAN_ARGS          extra planner flags (what-if only: the job runs the config's settings; change memory
-#                      settings such as train.recompute in the config or EXTRA_OVERRIDES)   SKIP_CONVERT=1
+#   PLAN_ARGS          extra planner flags (e.g. --reserve-gib 4); a flag that differs from a config key (e.g.
+#                      --recompute) is refused: set train.recompute etc. in the config or EXTRA_OVERRIDES   SKIP_CONVERT=1
 #   LOG_ROOT (REPO_DIR/logs)  MASTER_PORT  PYTHON (python)  TORCHRUN (torchrun)  SRUN_ARGS  MAX_REQUEUES (10)
 #   STOP_GRACE_S (240): on the time-limit warning, how long the RL loop gets to checkpoint before the requeue
 # Dry runs also take the SLURM variables from the environment (SLURM_JOB_ID, SLURM_NNODES,
@@ -106,7 +106,7 @@ run_step() {
   export STEP_NNODES STEP_NPROC STEP_PORT STEP_MASTER STEP_CMD_Q STEP_HOSTS_Q TORCHRUN
   # in the background so the requeue trap can run while we wait (bash defers traps during a foreground job)
   "${srun_cmd[@]}" &
-  STEP_PID=$!
+  STEP_PID=$! STEP_NAME=$name
   wait $STEP_PID
 }
 
@@ -196,7 +196,8 @@ _on_timeout() {   # SIGUSR1 from `#SBATCH --signal=B:USR1@300`: checkpoint, then
   # run_dir/STOP asks the RL loop to checkpoint at the end of its current step and exit (trainer/loop.py);
   # give it STOP_GRACE_S (default 240, inside the 300 s warning), then requeue whatever state it reached
   local grace=${STOP_GRACE_S:-240} t
-  if [[ -n ${STEP_PID:-} && -n ${PLAN_RUN_DIR:-} ]] && kill -0 "$STEP_PID" 2>/dev/null; then
+  # only the train step reads STOP (a conversion is redone from scratch after the requeue: its output is atomic)
+  if [[ ${STEP_NAME:-} == train && -n ${PLAN_RUN_DIR:-} ]] && kill -0 "$STEP_PID" 2>/dev/null; then
     mkdir -p "$PLAN_RUN_DIR" && touch "$PLAN_RUN_DIR/STOP"
     say "launch: time limit near: asked the RL loop to checkpoint and stop ($PLAN_RUN_DIR/STOP); waiting up to ${grace}s"
     for ((t = 0; t < grace; t++)); do

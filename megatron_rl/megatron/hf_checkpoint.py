@@ -46,7 +46,7 @@ from megatron_rl.convert.safetensors_io import SafetensorsWriter, write_index
 from megatron_rl.model_config import ModelConfig
 
 from .model import build_model, layer_offset
-from .parallel import ParallelState, destroy_parallel, initialize_parallel
+from .parallel import ParallelState, destroy_parallel, initialize_parallel, process_group_backend
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,8 +59,8 @@ def _process_group():
     if dist.is_initialized():
         yield
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    backend = process_group_backend()     # CPU tensors gather through gloo on GPU machines too
+    if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     timeout = datetime.timedelta(minutes=30)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:

@@ -17,6 +17,14 @@ import torch.distributed as dist
 from megatron_rl.patches import megatron_cpu
 
 
+def process_group_backend() -> str:
+    """The default group's backend: gloo on CPU; on GPU NCCL for CUDA tensors AND gloo for CPU tensors.
+    Our own small control collectives (flags, counters, stop requests, object broadcasts of the loop)
+    run on CPU tensors, which a plain "nccl" group rejects ("No backend type associated with device
+    type cpu"); megatron-core's groups inherit both from the default group."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
 @dataclass(frozen=True)
 class ParallelState:
     tp: int

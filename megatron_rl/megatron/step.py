@@ -155,8 +155,9 @@ class Actor:
 
         self._num_microbatches = len(mbs)
         fwd_bwd = get_forward_backward_func()
+        # seq_length is the whole row: the schedule's p2p shapes divide it by CP (and by TP with SP) itself
         return fwd_bwd(forward_step_func=self._forward_step, data_iterator=iter(mbs), model=self.chunks,
-                       num_microbatches=len(mbs), seq_length=self.cfg.microbatch_tokens // self.ps.cp,
+                       num_microbatches=len(mbs), seq_length=self.cfg.microbatch_tokens,
                        micro_batch_size=1, forward_only=forward_only)
 
     # ---- public ----------------------------------------------------------------------------------
@@ -214,7 +215,7 @@ class Actor:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         get_forward_backward_func()(forward_step_func=fwd, data_iterator=iter(mbs), model=self.chunks,
-                                    num_microbatches=len(mbs), seq_length=self.cfg.microbatch_tokens // self.ps.cp,
+                                    num_microbatches=len(mbs), seq_length=self.cfg.microbatch_tokens,
                                     micro_batch_size=1, forward_only=True)
         if not self.ps.is_last_stage:
             return None

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from megatron_rl.convert import read_metadata
 from megatron_rl.megatron.hf_checkpoint import iter_hf_tensors, load_weights
-from megatron_rl.megatron.parallel import ParallelState, initialize_parallel
+from megatron_rl.megatron.parallel import ParallelState, initialize_parallel, process_group_backend
 from megatron_rl.megatron.policy import logprob_fn, policy_loss_fn
 from megatron_rl.megatron.step import Actor, StepConfig
 from megatron_rl.megatron.training import OptimConfig, build_training, unwrap
@@ -41,10 +41,9 @@ def init_world() -> tuple[int, int]:
                 port = s.getsockname()[1]
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
                               LOCAL_RANK="0")
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group(process_group_backend(), timeout=COLLECTIVE_TIMEOUT)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -61,10 +61,11 @@ def train(cfg: RLConfig) -> list[dict]:
     colocated_sleep = engine is not None and cfg.rollout.placement == "colocated" and \
         cfg.rollout.sleep_during_training
     if start > 0:   # the engines started from the base weights
-        sync(learner, engine, queue, version=start, verify=True)
+        sync(learner, engine, queue, version=start, verify=cfg.rollout.weight_check != "never")
 
+    last = start - 1
     for step in range(start, cfg.train.steps):
-        timer, metrics = PhaseTimer(), {}
+        last, timer, metrics = step, PhaseTimer(), {}
         with timer("generate", tracker, step):   # lag 1: only the wait for a rollout submitted last step
             records, rollout, data_state, lag_metrics = queue.take(step)
             metrics.update(lag_metrics)
@@ -77,11 +78,14 @@ def train(cfg: RLConfig) -> list[dict]:
             if colocated_sleep:
                 engine.sleep()      # GPU: hand the engine's memory to the learner (no-op on CPU)
             metrics.update(learn(cfg, learner, samples, first_step=step == start))
+        # asked before the sync: a stopping job skips it (the resumed one syncs the checkpoint's weights),
+        # which with lag 1 would first wait for the next step's generation
+        stopping = stop.requested()   # collective: every rank agrees
         with timer("sync", tracker, step):
             if colocated_sleep:
-                engine.wake_up()    # weights must be resident before they are updated
-            metrics.update(sync(learner, engine, queue, version=step + 1, verify=_verify(cfg, step, start)))
-        stopping = stop.requested()   # collective: every rank agrees
+                engine.wake_up()    # weights must be resident before they are updated (and shut down)
+            if not stopping:
+                metrics.update(sync(learner, engine, queue, version=step + 1, verify=_verify(cfg, step, start)))
         if _checkpoint_due(cfg, step) or stopping:
             checkpoint(cfg, learner, data_state, step + 1, run_dir / "checkpoints")
         if tracker:
@@ -96,13 +100,14 @@ def train(cfg: RLConfig) -> list[dict]:
             break
 
     history = tracker.history if tracker else []
-    if cfg.checkpoint.export_hf and not stop.reason:
+    if cfg.checkpoint.export_hf and last + 1 == cfg.train.steps:    # the run is complete
         export(learner, run_dir / "hf_final", hf_dir)
     if tracker:
         tracker.plot()
         tracker.close()
     if engine:
-        engine.shutdown()
+        # stopping with lag 1: do not wait for the prefetched generation (servers exit on disconnect)
+        engine.shutdown(**({"timeout_s": 5.0} if stop.reason and hasattr(engine, "submit") else {}))
     stop.close()
     return history
 
@@ -113,9 +118,10 @@ def _checkpoint_due(cfg: RLConfig, step: int) -> bool:
 
 
 def _verify(cfg: RLConfig, step: int, start: int) -> bool:
-    """Read the engines' weights back after this step's sync? (costs about one more sync)"""
+    """Read the engines' weights back after this step's sync? (costs about one more sync). `first_last`:
+    the first sync of this process (a resumed one's start-up sync) and the run's last."""
     when = cfg.rollout.weight_check
-    return when == "every" or (when == "first_last" and step in (start, cfg.train.steps - 1))
+    return when == "every" or (when == "first_last" and (step == start == 0 or step == cfg.train.steps - 1))
 
 
 class StopRequest:
@@ -126,9 +132,13 @@ class StopRequest:
     def __init__(self, run_dir: Path):
         import signal
 
+        import psutil
+
         self.path, self.reason, self._signalled = run_dir / "STOP", "", False
-        if dist.get_rank() == 0 and self.path.exists():
-            self.path.unlink()      # left by the run this one resumes
+        # left by the run this one resumes: older than this process (one written since is a live request)
+        if dist.get_rank() == 0 and self.path.exists() and \
+                self.path.stat().st_mtime < psutil.Process().create_time():
+            self.path.unlink()
         dist.barrier()
         self._previous = signal.signal(signal.SIGUSR1, self._on_signal)
 

@@ -13,7 +13,8 @@ every term, its assumption and its source.
 Pure Python: importing this module needs no torch (the CLI's config loader does, through the loss config).
 The config's train.recompute, parallel.sequence_parallel, rollout.sleep_during_training and
 rollout.engine_nodes are what the trainer runs with; the planner's flags of the same meaning override them
-for exploring, and the plan notes when a flag differs from the config (the trainer applies the config).
+for exploring, and the plan notes when a flag differs from the config (the trainer applies the config); with
+--emit-env (launch.sh, before a job) a differing flag is an error, so a job never runs what was not planned.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class Plan:
     stages: list[StageMemory] = field(default_factory=list)
     engine: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    notes_from_flags: list[str] = field(default_factory=list)   # planner flags that differ from the config
     suggestions: list[str] = field(default_factory=list)
     microbatches: int = 0
     convert_nodes: int = 0
@@ -212,8 +214,10 @@ def make_plan(cfg, model: ModelConfig, cluster: Cluster, options: PlanOptions = 
                                   ("rollout.sleep_during_training", options.engine_sleep, r.sleep_during_training),
                                   ("rollout.engine_nodes", options.engine_nodes, r.engine_nodes)):
         if flag is not None and flag != configured:   # launch.sh passes PLAN_ARGS to the planner alone
-            plan.notes.append(f"{key} = {flag} comes from a planner flag, the config has {configured}: the trainer "
-                              f"runs with the config's value, so set {key}={flag} in the config (or as an override)")
+            plan.notes_from_flags.append(f"{key} = {flag} comes from a planner flag, the config has {configured}: "
+                                         f"the trainer runs with the config's value, so set {key}={flag} in the "
+                                         f"config (or as an override)")
+    plan.notes += plan.notes_from_flags
     if plan.errors:
         return plan
     try:   # what the trainer itself checks at start-up (future checks included)
@@ -392,7 +396,8 @@ def plan_main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--gpu-memory", type=float, required=True, help="GiB per GPU")
     p.add_argument("--model", help="model dir, config.json or a known name (default: from the config)")
     p.add_argument("--backend", choices=BACKENDS, default="gpu")
-    # these four override config keys for exploring; the trainer runs with the config (the plan notes a difference)
+    # these four override config keys for exploring; the trainer runs with the config (the plan notes a
+    # difference, and with --emit-env, i.e. when launching, refuses it)
     p.add_argument("--recompute", choices=RECOMPUTE, help="default: train.recompute")
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
                    help="default: parallel.sequence_parallel")
@@ -416,6 +421,10 @@ def plan_main(argv: Optional[list[str]] = None) -> int:
         plan = make_plan(cfg, model, Cluster(a.nodes, a.gpus_per_node, a.gpu_memory), opts)
     except ValueError as e:
         print(f"megatron-rl plan: error: {e}", file=sys.stderr)
+        return 2
+    if a.emit_env and plan.notes_from_flags:   # launching: the job must run exactly what was planned
+        print("megatron-rl plan: error: planner flags differ from the config the job runs with: "
+              + "; ".join(plan.notes_from_flags), file=sys.stderr)
         return 2
     print(f"megatron-rl plan: {a.config}")
     print(format_plan(plan, source))

@@ -5,11 +5,13 @@ waits at the rendezvous the learner's rank 0 hosts (MRL_ENGINE_RENDEZVOUS / MRL_
 With rollout.max_off_policy_lag = 1 the rollout of step k+1 is generated while step k trains, with the
 weights of before step k's update; the engine stamps each rollout with the weight version it used, and the
 loop logs lag = step - version. rollout.weight_check = every reads the engine's weights back after every
-broadcast and fails the run on any difference.
+broadcast and fails the run on any difference. A second run resumes from the middle checkpoint with a fresh
+engine server.
 """
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,21 +32,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_one_engine_server_two_rank_learner_lag_one(tmp_path, demo):
-    pytest.importorskip("vllm")
-    run_dir = tmp_path / "run"
+def _run(tmp_path, demo, run_dir, tag):
+    """One engine server + a 2-rank torchrun learner until the learner exits; (learner, engine rc, engine log)."""
     rendezvous = f"127.0.0.1:{_free_port()}"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MRL_ENGINE_RENDEZVOUS=rendezvous,
                MRL_NUM_ENGINES="1")
-    engine_log = open(tmp_path / "engine0.log", "w")
-    engine = subprocess.Popen([sys.executable, "-m", "megatron_rl.rollout.remote", "serve", "--rendezvous", rendezvous,
-                               "--engine-rank", "0", "--num-engines", "1", "--startup-timeout", "900"],
-                              cwd=tmp_path, env=env, stdout=engine_log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    log_path = tmp_path / f"engine0_{tag}.log"
+    with open(log_path, "w") as log:
+        engine = subprocess.Popen([sys.executable, "-m", "megatron_rl.rollout.remote", "serve", "--rendezvous",
+                                   rendezvous, "--engine-rank", "0", "--num-engines", "1", "--startup-timeout", "900"],
+                                  cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     overrides = [f"run_dir={run_dir}", f"model.hf_path={demo['hf_path']}", f"data.train_path={demo['train_path']}",
-                 f"train.steps={STEPS}", "train.prompts_per_step=4", "rollout.n_samples=4", "checkpoint.every=0",
-                 "parallel.pipeline=2", "rollout.placement=disaggregated", "rollout.max_off_policy_lag=1",
-                 "rollout.weight_check=every", "logging.tensorboard=false", "checkpoint.export_hf=false"]
+                 f"train.steps={STEPS}", "train.prompts_per_step=4", "rollout.n_samples=4", "checkpoint.every=1",
+                 "checkpoint.keep=3", "parallel.pipeline=2", "rollout.placement=disaggregated",
+                 "rollout.max_off_policy_lag=1", "rollout.weight_check=every", "logging.tensorboard=false",
+                 "checkpoint.export_hf=false"]
     try:
         learner = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
                                   f"--master-port={_free_port()}", "-m", "megatron_rl.trainer.cli", "train",
@@ -57,13 +59,23 @@ def test_one_engine_server_two_rank_learner_lag_one(tmp_path, demo):
         except ProcessLookupError:
             pass
         engine.wait()
-        engine_log.close()
-    engine_out = (tmp_path / "engine0.log").read_text()
+    engine_out = log_path.read_text()
     assert learner.returncode == 0, (f"learner exit {learner.returncode}\nSTDOUT:\n{learner.stdout[-5000:]}\n"
                                      f"STDERR:\n{learner.stderr[-8000:]}\nENGINE:\n{engine_out[-4000:]}")
     assert engine_rc == 0, engine_out[-4000:]
+    return learner
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_one_engine_server_two_rank_learner_lag_one_and_resume(tmp_path, demo):
+    pytest.importorskip("vllm")
+    run_dir = tmp_path / "run"
+    _run(tmp_path, demo, run_dir, "first")
+
+    rows = _lines(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(STEPS))
     # step 0 is generated with the starting weights; step k >= 1 with those of after update k-1
     assert [r["rollout/weight_version"] for r in rows] == [0] + list(range(STEPS - 1))
@@ -74,7 +86,20 @@ def test_one_engine_server_two_rank_learner_lag_one(tmp_path, demo):
         assert r["weight_sync/checked"] == 1 and r["weight_sync/max_abs_diff"] == 0.0, r
         assert r["weight_sync/tensors"] > 0
     # the prompts are those of a colocated run: the queue draws step k+1's batch one step early only
-    steps = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
+    steps = _lines(run_dir / "rollouts.jsonl")
     from tests.trainer.test_loop import _loader_order
-    assert [s["prompt_indices"] for s in steps] == _loader_order(demo, STEPS)
-    assert (run_dir / "checkpoints").exists()     # the final checkpoint (checkpoint.every 0 = at the end)
+    order = _loader_order(demo, STEPS)
+    assert [s["prompt_indices"] for s in steps] == order
+
+    # resume from the checkpoint of step 2 (taken while step 3's prompts were already out at the engine):
+    # its data position is the one before that prefetch, so step 2 gets the same prompts again; the new
+    # engines are synced to the checkpoint's weights (checked), so that first step is lag 0
+    newest = sorted((run_dir / "checkpoints").glob("iter_*"))[-1]
+    shutil.rmtree(newest)
+    out = _run(tmp_path, demo, run_dir, "resumed").stdout
+    assert f"at step {STEPS - 1}" in out
+    resumed = _lines(run_dir / "metrics.jsonl")[STEPS:]
+    assert [r["step"] for r in resumed] == [STEPS - 1]
+    assert resumed[0]["rollout/weight_version"] == STEPS - 1 and resumed[0]["rollout/off_policy_lag"] == 0
+    assert resumed[0]["weight_sync/max_abs_diff"] == 0.0
+    assert _lines(run_dir / "rollouts.jsonl")[STEPS]["prompt_indices"] == order[STEPS - 1]

@@ -367,6 +367,20 @@ def test_cli_accepts_rejects_and_emits_the_layout(tmp_path, capsys):
     assert "`parallel.tensor` must be an integer" in capsys.readouterr().err
 
 
+def test_a_flag_that_differs_from_the_config_is_a_note_when_exploring_and_an_error_when_launching(tmp_path, capsys):
+    cfg = REPO / "examples" / "llama3.3-70b" / "config.yaml"    # train.recompute: full
+    args = ["--config", str(cfg), "--nodes", "8", "--gpus-per-node", "8", "--gpu-memory", "80", "--recompute", "none"]
+    plan_main(args)
+    assert "note: train.recompute = none comes from a planner flag, the config has full" in capsys.readouterr().out
+    env_file = tmp_path / "plan.env"
+    assert plan_main(args + ["--emit-env", str(env_file)]) == 2
+    err = capsys.readouterr().err
+    assert "planner flags differ from the config the job runs with: train.recompute = none" in err
+    assert "set train.recompute=none in the config (or as an override)" in err and not env_file.exists()
+    # the same value as the config is no difference
+    assert plan_main(args[:-1] + ["full", "--emit-env", str(env_file)]) == 0 and env_file.exists()
+
+
 def test_model_resolution_prefers_readable_configs(tmp_path):
     hf = tmp_path / "Qwen2.5-7B-Instruct"
     hf.mkdir()
