@@ -12,7 +12,8 @@ One step (every rank runs this function; rank 0 holds the engine client, see rol
 
 Resume: the newest complete checkpoint under run_dir/checkpoints (model, optimizer, RNG, counters, data
 position) is loaded and the engines re-synced, so a restarted run continues with the same data order.
-A stop request (the file run_dir/STOP, or SIGUSR1) checkpoints at the end of the current step and exits.
+A stop request (the file run_dir/STOP, or SIGUSR1) checkpoints after the current step's training (its sync is
+skipped: the resumed run syncs the checkpoint's weights) and exits.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def _verify(cfg: RLConfig, step: int, start: int) -> bool:
 
 
 class StopRequest:
-    """A request to checkpoint and exit at the end of the current step: the file run_dir/STOP (launch.sh
+    """A request to checkpoint and exit after the current step's training: the file run_dir/STOP (launch.sh
     writes it when SLURM warns of the time limit, before it requeues the job) or SIGUSR1 to any rank.
     `requested()` is a collective (one tiny all-reduce), so every rank stops after the same step."""
 
