@@ -180,8 +180,8 @@ def test_launch_sh_places_engines_on_the_last_nodes(tmp_path):
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "DRY_RUN": "1", "PYTHON": str(fake / "python"),
            "SLURM_JOB_ID": "4242", "SLURM_NNODES": "5", "SLURM_JOB_NODELIST": "gpu[001-005]", "GPU_MEMORY_GIB": "80",
            "LOG_ROOT": str(tmp_path / "logs"), "FORCE_NODELIST_PARSER": "1", "PYTHONWARNINGS": "ignore",
-           "MASTER_PORT": "31000", "PLAN_ARGS": "--engine-nodes 1", "SKIP_CONVERT": "1",
-           "EXTRA_OVERRIDES": "rollout.placement=disaggregated rollout.max_off_policy_lag=1"}
+           "MASTER_PORT": "31000", "SKIP_CONVERT": "1",
+           "EXTRA_OVERRIDES": "rollout.placement=disaggregated rollout.engine_nodes=1 rollout.max_off_policy_lag=1"}
     sbatch = str(repo / "examples" / "qwen2.5-32b" / "sbatch.sh")
     proc = subprocess.run(["bash", sbatch], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     out = proc.stdout
