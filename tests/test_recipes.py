@@ -186,25 +186,3 @@ def test_nodelist_expansion_without_scontrol():
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30).stdout.split()
     assert out == ["gpu001", "gpu002", "gpu003", "gpu010", "login1", "r1n08", "r1n09", "r2n08", "r2n09"]
 
-
-def test_disaggregated_dry_run_puts_engines_on_the_last_nodes(tmp_path):
-    """The 32B recipe with its rollout moved to 2 engine nodes of its own (6 nodes): the learner keeps the
-    first 4, each engine node runs GPUS_PER_NODE / engine TP servers, and the train step is told where
-    the engines' rendezvous is."""
-    ckpt = converted(tmp_path / "converted", "Qwen2.5-32B")
-    proc = dry_run("qwen2.5-32b", 6, tmp_path, CKPT_DIR=str(ckpt), MASTER_PORT="31000",
-                   EXTRA_OVERRIDES="rollout.placement=disaggregated rollout.engine_nodes=2 rollout.max_off_policy_lag=1")
-    out = proc.stdout
-    assert proc.returncode == 0, out + proc.stderr
-    train = step_lines(out, "train")
-    assert [host for _, host, _ in train] == hosts(4)
-    engines = step_lines(out, "engines")
-    assert [host for _, host, _ in engines] == ["gpu005", "gpu006"]
-    for j, (rank, _, argv) in enumerate(engines):
-        assert argv[1:4] == ["-m", "megatron_rl.rollout.remote", "node"]
-        opts = dict(zip(argv[4::2], argv[5::2]))
-        # engine TP 4 (the recipe's rollout.engine_tensor_parallel): 2 servers per 8-GPU node, 4 in all
-        assert opts == {"--rendezvous": "gpu001:31002", "--num-engines": "4", "--node-index": str(j),
-                        "--engines-per-node": "2", "--gpus-per-engine": "4"}, opts
-    assert "MRL_ENGINE_RENDEZVOUS=gpu001:31002 MRL_NUM_ENGINES=4" in out
-    assert out.index("== step engines") < out.index("== step train")   # servers first; they wait for rank 0

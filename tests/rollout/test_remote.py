@@ -187,17 +187,9 @@ def test_launch_sh_places_engines_on_the_last_nodes(tmp_path):
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
 
-    def lines(step):
-        got, inside = [], False
-        for line in out.splitlines():
-            if line.startswith("== "):
-                inside = line.startswith(f"== step {step}:")
-            elif inside and line.startswith("node "):
-                head, cmd = line.split(": ", 1)
-                got.append((head.split()[2], shlex.split(cmd)))
-        return got
+    from tests.test_recipes import step_lines      # (node rank, host, argv) of each node line of a step
 
-    train, engines = lines("train"), lines("engines")
+    train, engines = ([(host, argv) for _, host, argv in step_lines(out, step)] for step in ("train", "engines"))
     assert [h for h, _ in train] == ["gpu001", "gpu002", "gpu003", "gpu004"]
     assert all("--nnodes=4" in argv for _, argv in train)
     assert engines == [("gpu005", [str(fake / "python"), "-m", "megatron_rl.rollout.remote", "node", "--rendezvous",
