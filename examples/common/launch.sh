@@ -78,6 +78,19 @@ build_node_cmd() {
             "--master-addr=$STEP_MASTER" "--master-port=$STEP_PORT" "${STEP_CMD[@]}")
 }
 
+# build_srun NAME MODE HOSTS...: SRUN_CMD = one task per host running `launch.sh MODE` there (node | engine-node),
+# its output in LOG_DIR/NAME.node<k>.<host>.log; SRUN_NODELIST = the hosts, comma separated
+build_srun() {
+  local name=$1 mode=$2
+  shift 2
+  SRUN_NODELIST=$(IFS=,; echo "$*")
+  SRUN_CMD=(srun "--nodes=$#" "--ntasks=$#" --ntasks-per-node=1 "--nodelist=$SRUN_NODELIST" --kill-on-bad-exit=1
+            "--output=$LOG_DIR/$name.node%n.%N.log")
+  # shellcheck disable=SC2206
+  [[ -n ${SRUN_ARGS:-} ]] && SRUN_CMD+=($SRUN_ARGS)
+  SRUN_CMD+=(bash "$LAUNCH_LIB" "$mode")
+}
+
 # run_step NAME NNODES NPROC PORT CMD...: CMD under torchrun on the first NNODES nodes of the job.
 run_step() {
   local name=$1 i
@@ -86,13 +99,9 @@ run_step() {
   STEP_CMD=("$@")
   STEP_HOSTS=("${HOSTS[@]:0:STEP_NNODES}")
   STEP_MASTER=${STEP_HOSTS[0]}   # rendezvous on the step's first node
-  local nodelist
-  nodelist=$(IFS=,; echo "${STEP_HOSTS[*]}")
-  local -a srun_cmd=(srun "--nodes=$STEP_NNODES" "--ntasks=$STEP_NNODES" --ntasks-per-node=1
-                     "--nodelist=$nodelist" --kill-on-bad-exit=1 "--output=$LOG_DIR/$name.node%n.%N.log")
-  # shellcheck disable=SC2206
-  [[ -n ${SRUN_ARGS:-} ]] && srun_cmd+=($SRUN_ARGS)
-  srun_cmd+=(bash "$LAUNCH_LIB" node)
+  build_srun "$name" node "${STEP_HOSTS[@]}"
+  local nodelist=$SRUN_NODELIST
+  local -a srun_cmd=("${SRUN_CMD[@]}")
   if [[ -n ${DRY_RUN:-} ]]; then
     say "== step $name: $(printf '%q ' "${srun_cmd[@]}")"
     for i in "${!STEP_HOSTS[@]}"; do
@@ -146,13 +155,9 @@ print(load_rl_config(sys.argv[1], sys.argv[2:]).rollout.engine_tensor_parallel)'
   ENGINE_RDZV=${HOSTS[0]}:$port   # the learner's global rank 0 runs on the first training node
   ENGINE_HOSTS=("${HOSTS[@]:PLAN_TRAIN_NODES}")
   export MRL_ENGINE_RENDEZVOUS=$ENGINE_RDZV MRL_NUM_ENGINES=$ENGINE_NUM
-  local nodelist
-  nodelist=$(IFS=,; echo "${ENGINE_HOSTS[*]}")
-  local -a srun_cmd=(srun "--nodes=$engine_nodes" "--ntasks=$engine_nodes" --ntasks-per-node=1
-                     "--nodelist=$nodelist" --kill-on-bad-exit=1 "--output=$LOG_DIR/engines.node%n.%N.log")
-  # shellcheck disable=SC2206
-  [[ -n ${SRUN_ARGS:-} ]] && srun_cmd+=($SRUN_ARGS)
-  srun_cmd+=(bash "$LAUNCH_LIB" engine-node)
+  build_srun engines engine-node "${ENGINE_HOSTS[@]}"
+  local nodelist=$SRUN_NODELIST
+  local -a srun_cmd=("${SRUN_CMD[@]}")
   say "engines: $ENGINE_NUM x TP $ENGINE_TP on ${ENGINE_HOSTS[*]}; to the train step:" \
       "MRL_ENGINE_RENDEZVOUS=$ENGINE_RDZV MRL_NUM_ENGINES=$ENGINE_NUM"
   if [[ -n ${DRY_RUN:-} ]]; then
