@@ -91,27 +91,36 @@ def _counts(row):
     return GlobalCounts(int(per.sum()), int((per > 0).sum()), MAX_LEN)
 
 
-def _unsplit(row, cfg):
-    from megatron_rl.losses import compute_policy_loss, cppo_mask
+def _cppo_inside(cfg, inp):
+    """CPPO's inside-the-budget mask of these inputs (None for other modes); a CP rank's inputs carry the
+    whole-sequence seg_* fields, unsplit ones have None there (the local scan)."""
+    from megatron_rl.losses import cppo_mask
     from megatron_rl.parallel.context_parallel import local_divergence
+
+    if cfg.mode != "cppo":
+        return None
+    return cppo_mask(local_divergence(cfg, inp), inp.loss_mask, inp.cu_seqlens, delta=cfg.delta_bounds[0],
+                     w_min=cfg.w_min, horizon=cfg.horizon, max_response_length=MAX_LEN,
+                     delta_b_mode=cfg.delta_b_mode, delta_b=cfg.delta_b, delta_b_min=cfg.delta_b_min,
+                     cap_mult=cfg.cap_mult, seg_num_tokens=inp.seg_num_tokens,
+                     seg_tokens_before=inp.seg_tokens_before, seg_prefix_z=inp.seg_prefix_z,
+                     seg_delta_b=inp.seg_delta_b).inside
+
+
+def _unsplit(row, cfg):
+    from megatron_rl.losses import compute_policy_loss
 
     inp, lp = _inputs(row)
     loss, _ = compute_policy_loss(cfg, inp, _counts(row))
     loss.backward()
-    mask = None
-    if cfg.mode == "cppo":
-        d = local_divergence(cfg, inp)
-        mask = cppo_mask(d, inp.loss_mask, inp.cu_seqlens, delta=cfg.delta_bounds[0], w_min=cfg.w_min,
-                         horizon=cfg.horizon, max_response_length=MAX_LEN, delta_b_mode=cfg.delta_b_mode,
-                         delta_b=cfg.delta_b, delta_b_min=cfg.delta_b_min, cap_mult=cfg.cap_mult).inside
-    return float(loss), lp.grad.clone(), mask
+    return float(loss), lp.grad.clone(), _cppo_inside(cfg, inp)
 
 
 def body(rank, world, cp):
     import torch.distributed as dist
 
-    from megatron_rl.losses import compute_policy_loss, cppo_mask
-    from megatron_rl.parallel.context_parallel import local_divergence, partition_index, with_cp_fields
+    from megatron_rl.losses import compute_policy_loss
+    from megatron_rl.parallel.context_parallel import partition_index, with_cp_fields
 
     group = dist.group.WORLD if world > 1 else None
     out = {}
@@ -123,15 +132,7 @@ def body(rank, world, cp):
             inp = with_cp_fields(cfg, inp, group, MAX_LEN)
             loss, _ = compute_policy_loss(cfg, inp, _counts(row))
             loss.backward()
-            mask = None
-            if cfg.mode == "cppo":
-                d = local_divergence(cfg, inp)
-                mask = cppo_mask(d, inp.loss_mask, inp.cu_seqlens, delta=cfg.delta_bounds[0], w_min=cfg.w_min,
-                                 horizon=cfg.horizon, max_response_length=MAX_LEN,
-                                 delta_b_mode=cfg.delta_b_mode, delta_b=cfg.delta_b,
-                                 delta_b_min=cfg.delta_b_min, cap_mult=cfg.cap_mult,
-                                 seg_num_tokens=inp.seg_num_tokens, seg_tokens_before=inp.seg_tokens_before,
-                                 seg_prefix_z=inp.seg_prefix_z, seg_delta_b=inp.seg_delta_b).inside
+            mask = _cppo_inside(cfg, inp)
             total = loss.detach().to(torch.float64).reshape(1).clone()
             if group is not None:
                 dist.all_reduce(total, group=group)
