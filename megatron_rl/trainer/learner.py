@@ -63,8 +63,9 @@ class Learner:
 
 def build_learner(cfg: RLConfig, checkpoint_dir: str | Path) -> Learner:
     """Model + distributed optimizer + actor at the config's layout, weights from `checkpoint_dir`
-    (a converted Megatron checkpoint; resuming from a training checkpoint happens afterwards)."""
-    cfg.check_hardware(cuda=torch.cuda.is_available())
+    (a converted Megatron checkpoint; resuming from a training checkpoint happens afterwards). The caller
+    checked the hardware (RLConfig.check_hardware) before converting anything; the model builder refuses
+    what its layer spec cannot run."""
     model_cfg, _ = read_metadata(checkpoint_dir)
     cfg.check_layout(model_cfg, dist.get_world_size())
     p = cfg.parallel

@@ -59,8 +59,8 @@ def train(cfg: RLConfig) -> list[dict]:
     queue = RolloutQueue(engine, loader, cfg.rollout.max_off_policy_lag, cfg.train.steps, version=0)
     tracker = Tracker(run_dir, cfg.train.steps, **_tracking(cfg)) if rank == 0 else None
     reward_fn = SafeReward.from_spec(cfg.reward.fn)
-    colocated_sleep = engine is not None and cfg.rollout.placement == "colocated" and \
-        cfg.rollout.sleep_during_training
+    colocated = cfg.rollout.placement == "colocated"
+    colocated_sleep = engine is not None and colocated and cfg.rollout.sleep_during_training
     if start > 0:   # the engines started from the base weights
         sync(learner, engine, queue, version=start, verify=cfg.rollout.weight_check != "never")
 
@@ -108,7 +108,7 @@ def train(cfg: RLConfig) -> list[dict]:
         tracker.close()
     if engine:
         # stopping with lag 1: do not wait for the prefetched generation (servers exit on disconnect)
-        engine.shutdown(**({"timeout_s": 5.0} if stop.reason and hasattr(engine, "submit") else {}))
+        engine.shutdown(**({"timeout_s": 5.0} if stop.reason and not colocated else {}))
     stop.close()
     return history
 
@@ -228,7 +228,8 @@ def sync(learner: Learner, engine, queue: RolloutQueue, version: int, verify: bo
     and compare. Every rank drives the weight stream (it is collective); only rank 0 holds the engines.
     Remote engines first finish the generation in flight (lag 1: the next step's, with the old weights)."""
     bucket = learner.cfg.rollout.weight_sync_bucket_mb << 20
-    versioned = {"version": version} if hasattr(engine, "submit") else {}
+    # remote engines stamp their rollouts with the version they hold; the local engine has no versions
+    versioned = {"version": version} if learner.cfg.rollout.placement == "disaggregated" else {}
     out = _drive(hf_weights(learner), lambda w: engine.update_weights(w, max_bucket_bytes=bucket,
                                                                       **versioned).as_metrics(), engine)
     queue.weights_updated(version)
