@@ -36,6 +36,7 @@ from megatron_rl.rollout.weight_sync import DEFAULT_BUCKET_BYTES, sync_weights, 
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
+PROBE_STEP = -1          # the probe's request seeds: fixed, and never a training step's
 WORKER_EXTENSION = "megatron_rl.rollout.worker_ext.WeightSyncExtension"
 # vLLM arguments this class sets itself; extra_engine_args may not override them
 _OWNED_ARGS = {"model", "dtype", "logprobs_mode", "max_logprobs", "seed", "enforce_eager", "max_model_len",
@@ -264,26 +265,29 @@ class RolloutEngine:
         log.info("rollout engine started in %.1f s (%s, dtype %s)", self.start_seconds, mode, config.dtype)
 
     # ---- generation -------------------------------------------------------------------------------
-    def sampling_params(self, prompt_len: int, seed: int):
+    def sampling_params(self, prompt_len: int, seed: int, max_tokens: Optional[int] = None):
         from vllm import SamplingParams
 
         cfg = self.config
         room = cfg.max_model_len - prompt_len
         if room < 1:
             raise ValueError(f"prompt of {prompt_len} tokens leaves no room under max_model_len={cfg.max_model_len}")
+        cap = cfg.max_response_tokens if max_tokens is None else min(int(max_tokens), cfg.max_response_tokens)
         sp = SamplingParams(n=1, temperature=cfg.temperature, top_p=1.0, top_k=0, min_p=0.0,
-                            max_tokens=min(cfg.max_response_tokens, room), logprobs=cfg.logprobs_topk,
+                            max_tokens=min(cap, room), logprobs=cfg.logprobs_topk,
                             flat_logprobs=True, detokenize=False, seed=seed,
                             stop_token_ids=sorted(self._stop_ids) or None)
         return sp
 
     def generate(self, prompts: Sequence[Sequence[int]], *, prompt_indices: Optional[Sequence[int]] = None,
-                 step: int = 0, n: Optional[int] = None, infos: Optional[Sequence[dict]] = None) -> Rollout:
+                 step: int = 0, n: Optional[int] = None, infos: Optional[Sequence[dict]] = None,
+                 max_tokens: Optional[int] = None) -> Rollout:
         """n responses for each prompt (token ids). Group g = the g-th prompt of this call.
 
         `prompt_indices` are the data set's stable ids (default 0..len-1): with `step` and the config
         seed they fix every request's seed, so the same call gives the same rollout after a restart.
-        `infos[g]` (e.g. {"answer": ...}) is copied into each sample of group g.
+        `infos[g]` (e.g. {"answer": ...}) is copied into each sample of group g. `max_tokens` lowers the
+        response cap of this call (never above the config's).
         """
         if self._sleeping:
             raise RuntimeError("rollout engine is asleep: call wake_up() before generate()")
@@ -301,7 +305,7 @@ class RolloutEngine:
                 raise ValueError(f"prompt {g} (index {pidx}) is empty")
             for j in range(n):
                 requests.append({"prompt_token_ids": ids})
-                params.append(self.sampling_params(len(ids), request_seed(cfg.seed, step, pidx, j)))
+                params.append(self.sampling_params(len(ids), request_seed(cfg.seed, step, pidx, j), max_tokens))
                 keys.append((g, pidx, j))
         t0 = time.perf_counter()
         outputs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
@@ -330,6 +334,11 @@ class RolloutEngine:
                  "rollout/generate_seconds": gen_seconds,
                  "rollout/tokens_per_second": n_tokens / gen_seconds if gen_seconds > 0 else 0.0}
         return Rollout(samples, topk=cfg.logprobs_topk, temperature=cfg.temperature, stats=stats)
+
+    def probe(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[Rollout]:
+        """The weight-sync probe (mismatch.compare_probe): one seeded response per prompt with mu's
+        log-probs, as one list entry per engine replica (here: this engine)."""
+        return [self.generate(prompts, step=PROBE_STEP, n=1, max_tokens=max_tokens)]
 
     # ---- engine control ---------------------------------------------------------------------------
     def collective_rpc(self, method: str, args: tuple = ()) -> list:

@@ -44,6 +44,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_rl.rollout.engine import PROBE_STEP
 from megatron_rl.rollout.remote_comm import EngineError, Link, WeightGroup, parse_address, resolve_backend
 from megatron_rl.rollout.remote_server import SETTINGS_KEY, engine_addr_key
 from megatron_rl.rollout.types import Rollout
@@ -262,6 +263,21 @@ class RemoteEngines:
         handle = RolloutHandle(self, req_id, parts, len(prompts), self.version)
         self._inflight.append(handle)
         return handle
+
+    def probe(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[Rollout]:
+        """The weight-sync probe on EVERY engine (each must score like the learner): the same prompts,
+        one seeded response each, one rollout per engine in engine order."""
+        self._usable("probe")
+        prompts = [[int(t) for t in p] for p in prompts]
+        handles = []
+        for e in range(len(self._links)):
+            req_id = next(self._ids)
+            self._send(e, {"type": "generate", "id": req_id, "prompts": prompts,
+                           "prompt_indices": list(range(len(prompts))), "step": PROBE_STEP, "n": 1,
+                           "infos": None, "max_tokens": int(max_tokens)}, f"probe request {req_id}")
+            handles.append(RolloutHandle(self, req_id, [(e, 0)], len(prompts), self.version))
+            self._inflight.append(handles[-1])
+        return [h.result() for h in handles]
 
     def _send(self, engine: int, msg: dict, what: str) -> None:
         try:

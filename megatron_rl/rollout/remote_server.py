@@ -150,7 +150,7 @@ class EngineServer:
 
     def _generate(self, msg: dict) -> dict:
         rollout = self.engine.generate(msg["prompts"], prompt_indices=msg["prompt_indices"], step=msg["step"],
-                                       n=msg["n"], infos=msg["infos"])
+                                       n=msg["n"], infos=msg["infos"], max_tokens=msg.get("max_tokens"))
         return {"rollout": rollout, "version": self.version}
 
     def _stream(self, msg: dict) -> dict:

@@ -103,6 +103,21 @@ class EngineWeightReader:
         self._local_cache[key] = out
         return out
 
+    def derived(self, hf_name: str) -> list[tuple[str, torch.Tensor]]:
+        """The copies other modules derived from parameter `hf_name` (a tied LM head's repacked CPU
+        weight), by the alias's own name: a read-back of the shared parameter alone cannot see them."""
+        module_path, _, leaf = hf_name.rpartition(".")
+        out = []
+        for modules in _shared_owners(self.model):
+            if leaf != "weight" or module_path not in {m for m, _ in modules}:
+                continue
+            for mname, module in modules:
+                if mname != module_path and hasattr(module, "cpu_linear"):
+                    idx = module.shard_indices   # this rank's vocabulary rows, then padding (no HF row)
+                    rows = idx.org_vocab_end_index - idx.org_vocab_start_index
+                    out.append((f"{mname}.weight", _probe_linear(module, module.weight)[:rows]))
+        return out
+
     def get(self, hf_name: str) -> Optional[tuple[torch.Tensor, Optional[ShardLayout]]]:
         """This worker's part of `hf_name` and where it sits in the full tensor (None: it is all of it),
         or None when the engine has no such parameter."""
@@ -124,6 +139,10 @@ class EngineWeightReader:
                                f"output_partition_sizes {parts}")
         part = fused.narrow(0, sum(parts[:sub]), parts[sub])
         return part, _layout(module, hf_name, leaf, part, sub)
+
+
+def _max_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).abs().max()) if got.numel() else 0.0
 
 
 def _layout(module: torch.nn.Module, hf_name: str, leaf: str, local: torch.Tensor,
@@ -159,6 +178,35 @@ def _layout(module: torch.nn.Module, hf_name: str, leaf: str, local: torch.Tenso
     unsupported(f"{type(module).__name__} is sharded in a way this reader does not know")
 
 
+def _refresh_tied_aliases(model: torch.nn.Module, loaded: dict) -> None:
+    """Re-derive what other modules built from a shared parameter that was just loaded.
+
+    A tied model's LM head holds the embedding's own Parameter (vLLM's `tie_weights`), and the checkpoint
+    has no `lm_head.weight`, so the layer-wise reload only ever processes the embedding. The shared
+    tensor itself is updated in place, but what the head derived from it at start-up is not: on CPU its
+    quant method repacked the weight into `cpu_linear` (oneDNN), and that stale copy kept scoring tokens
+    with the OLD output projection while a parameter read-back saw the new weight. So every module
+    holding a loaded parameter without being its module in the checkpoint is processed again (on GPU the
+    unquantized head derives nothing, and this re-runs a no-op)."""
+    loaded_modules = {name.rpartition(".")[0] for name in loaded}
+    for modules in _shared_owners(model):
+        if not loaded_modules & {m for m, _ in modules}:
+            continue
+        for mname, module in modules:
+            method = getattr(module, "quant_method", None)
+            if mname not in loaded_modules and hasattr(method, "process_weights_after_loading"):
+                method.process_weights_after_loading(module)
+
+
+def _shared_owners(model: torch.nn.Module) -> list[list[tuple[str, torch.nn.Module]]]:
+    """For each parameter held by more than one module (tied embeddings), its (module path, module)s."""
+    owners: dict[int, list[tuple[str, torch.nn.Module]]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append((mname, module))
+    return [mods for mods in owners.values() if len(mods) > 1]
+
+
 class WeightSyncExtension:
     """Mixed into vLLM's Worker: `self` is the worker (has `model_runner`, `reload_weights`)."""
 
@@ -174,6 +222,7 @@ class WeightSyncExtension:
         """
         tensors = st_load(payload)
         self.reload_weights(weights_iterator=iter(tensors.items()))
+        _refresh_tied_aliases(self._mrl_model(), tensors)
         return len(tensors)
 
     def mrl_compare_weights(self, payload: bytes) -> dict:
@@ -198,7 +247,9 @@ class WeightSyncExtension:
                 if layout is not None:
                     want = layout.slice(want, local.shape)
                 want = want.to(device=local.device, dtype=local.dtype)
-                diffs[name] = float((local.float() - want.float()).abs().max()) if local.numel() else 0.0
+                diffs[name] = _max_diff(local, want)
+                for alias, copy in reader.derived(name):   # e.g. a tied head's repacked weight
+                    diffs[alias] = _max_diff(copy, want)
         return {"diffs": diffs, "missing": missing, "shapes": shapes}
 
     def mrl_read_weights(self, names: Optional[list] = None) -> dict:

@@ -88,6 +88,20 @@ def tiny_hf_config(family: str, vocab_size: int, hidden_size: int = 128, num_lay
     raise ValueError(f"family {family!r} is not supported; supported: llama, mistral, qwen2, qwen3")
 
 
+# Tiny offline stand-ins for the small models users start from, all with tied embeddings (the real ones
+# are): family + make_tiny_hf_model kwargs. head_dim 32 (vLLM's CPU attention needs >= 32).
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 128}     # short, so the scaling changes every band
+SMALL_FAMILIES = {
+    "llama3.2": ("llama", dict(tie_word_embeddings=True, num_heads=4, num_kv_heads=2, rope_scaling=LLAMA3_ROPE,
+                              rope_theta=500000.0)),                    # Llama 3.2 1B/3B: GQA, llama3 RoPE
+    "qwen2.5": ("qwen2", dict(tie_word_embeddings=True, num_heads=4, num_kv_heads=2,
+                             rope_theta=1000000.0)),                    # Qwen2.5 0.5B-3B: QKV bias
+    "qwen3": ("qwen3", dict(tie_word_embeddings=True, num_heads=4, num_kv_heads=2,
+                           rope_theta=1000000.0)),                      # Qwen3 0.6B-4B: QK-norm
+}
+
+
 def make_tiny_hf_model(family: str, out_dir: str | Path, vocab_size: int, seed: int = 0,
                        dtype: str = "float32", tokenizer=None, **config_kwargs):
     """Build a randomly initialised tiny causal LM of `family`, save it (safetensors) and return it."""

@@ -78,3 +78,27 @@ def test_logprob_mismatch_hand_values():
     assert math.isclose(m["prob_diff_max"], 0.3, rel_tol=1e-9)
     assert math.isclose(m["logprob_diff_max"], math.log(1.5), rel_tol=1e-9)
     assert logprob_mismatch(pi, mu, torch.zeros(2, 2))["prob_diff_mean"] == 0.0
+
+
+def test_compare_probe_names_the_worst_token():
+    from megatron_rl.rollout.mismatch import compare_probe
+
+    def rollout(lps, toks):
+        return Rollout([Sample(prompt_ids=torch.tensor([1, 2]), response_ids=torch.tensor(t), rollout_logprobs=torch.tensor(l),
+                               finish_reason="stop", prompt_index=i, group_id=i, sample_index=0)
+                        for i, (l, t) in enumerate(zip(lps, toks))])
+
+    engines = [rollout([[-1.0, -2.0], [-0.5]], [[7, 8], [9]]), rollout([[-1.0, -2.0], []], [[7, 8], []])]
+    learner = [[torch.tensor([-1.0, -2.0]), torch.tensor([-0.5])],
+               [torch.tensor([-1.0, -2.3]), torch.tensor([])]]
+    check = compare_probe(engines, learner, tolerance=0.1)
+    assert not check.ok and check.num_tokens == 5 and abs(check.max_abs_diff - 0.3) < 1e-6
+    assert check.worst == {"engine": 1, "sample": 0, "position": 1, "token": 8, "engine_logprob": -2.0,
+                           "learner_logprob": pytest.approx(-2.3)}
+    assert "engine 1, probe sequence 0, response position 1, token id 8" in check.summary()
+    assert compare_probe(engines, learner, tolerance=0.5).ok
+    learner[0][1] = torch.tensor([float("nan")])          # NaN never passes
+    assert not compare_probe(engines, learner, tolerance=0.5).ok
+    assert not compare_probe([rollout([[]], [[]])], [[torch.tensor([])]], tolerance=1.0).ok   # nothing compared
+    with pytest.raises(ValueError, match="probe sequence 0 of engine 0"):
+        compare_probe([rollout([[-1.0]], [[7]])], [[torch.tensor([-1.0, 0.0])]], tolerance=1.0)
