@@ -9,6 +9,7 @@ model (TP dividing heads, ...) need the model config and run in `check_layout`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -70,15 +71,27 @@ class RolloutSection:
     max_off_policy_lag: int = 0   # disaggregated: rollout of step k+1 may overlap training of step k
     engine_nodes: int = 0         # disaggregated: nodes given to the vLLM engines (the planner, the launcher)
     weight_sync_bucket_mb: int = 256
-    # read the engines' weights back after a sync and compare (costs about one more sync):
-    # first_last = after the first and the last step's sync, every = after every sync, never
+    # when to check the engines after a sync: first_last = the first sync of this process and the last
+    # step's, every = after every sync, never. A check is the behavioural probe (the engines sample
+    # probe_prompts responses of probe_tokens tokens and their log-probs must equal the learner's within
+    # probe_tolerance, default by dtype: rollout.mismatch.PROBE_TOLERANCE) and, with weight_readback, the
+    # parameter read-back (names the wrong tensor; costs about one more sync)
     weight_check: Literal["first_last", "every", "never"] = "first_last"
+    probe_prompts: int = 4
+    probe_tokens: int = 16
+    probe_tolerance: Optional[float] = None
+    weight_readback: bool = True
     seed: int = 0
 
     def __post_init__(self):
         _positive("rollout", n_samples=self.n_samples, max_prompt_length=self.max_prompt_length,
                   max_response_length=self.max_response_length,
-                  engine_tensor_parallel=self.engine_tensor_parallel)
+                  engine_tensor_parallel=self.engine_tensor_parallel, probe_prompts=self.probe_prompts,
+                  probe_tokens=self.probe_tokens)
+        if self.probe_tolerance is not None and not (math.isfinite(self.probe_tolerance) and
+                                                     self.probe_tolerance > 0):
+            raise ValueError(f"`rollout.probe_tolerance` must be a finite number > 0 (or null: by dtype), "
+                             f"got {self.probe_tolerance}")
         if self.temperature <= 0:
             raise ValueError(f"`rollout.temperature` must be > 0, got {self.temperature}")
         # algorithms.md Sec. 1: a truncated mu needs the same truncation in the trainer, which we do not

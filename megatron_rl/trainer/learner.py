@@ -22,6 +22,8 @@ from megatron_rl.megatron.policy import logprob_fn, policy_loss_fn
 from megatron_rl.megatron.step import Actor, StepConfig
 from megatron_rl.megatron.training import OptimConfig, build_training, unwrap
 from megatron_rl.model_config import ModelConfig
+from megatron_rl.rollout.mismatch import ProbeCheck, compare_probe
+from megatron_rl.rollout.types import Rollout
 from megatron_rl.trainer.config import RLConfig
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("MEGATRON_RL_TIMEOUT_MIN", "30")))
@@ -127,6 +129,23 @@ def policy_logprobs(learner: Learner, samples: list[dict], reference: bool = Fal
     (last stage; None elsewhere)."""
     fn = logprob_fn(learner.model_cfg, learner.ps, temperature=learner.cfg.rollout.temperature)
     return (learner.reference if reference else learner.actor).compute_logprobs(samples, fn)
+
+
+def probe_engines(learner: Learner, engine, prompts: list[list[int]], max_tokens: int,
+                  tolerance: float) -> ProbeCheck:
+    """The behavioural weight-sync check: rank 0's engine(s) sample a response to each probe prompt with
+    mu's log-probs; every rank joins the learner's forward over the same tokens (it is collective); the
+    result, on every rank, compares the two token by token. It sees what a parameter read-back cannot: a
+    stale copy the engine derived from its weights (a repacked or fused layout, a tied LM head)."""
+    rollouts = broadcast_object(engine.probe(prompts, max_tokens) if engine is not None else None, src=0)
+    flat = [s for r in rollouts for s in r.samples]
+    samples = rollout_to_samples(Rollout(flat), torch.zeros(len(flat)), topk=0)
+    pi = policy_logprobs(learner, samples)
+    check = None
+    if pi is not None:   # the last stage: pi of every token, sliced to each response
+        it = iter(lp[s.prompt_ids.numel():] for lp, s in zip(pi, flat))
+        check = compare_probe(rollouts, [[next(it) for _ in r.samples] for r in rollouts], tolerance)
+    return broadcast_object(check, src=learner.log_rank)
 
 
 def hf_weights(learner: Learner) -> Iterator[tuple[str, torch.Tensor]]:

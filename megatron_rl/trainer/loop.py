@@ -22,7 +22,9 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -31,12 +33,12 @@ from megatron_rl.megatron.checkpoint import latest_checkpoint, load_checkpoint, 
 from megatron_rl.megatron.hf_checkpoint import export_hf, hf_to_megatron
 from megatron_rl.rewards.base import SafeReward
 from megatron_rl.rollout.engine import EngineConfig
-from megatron_rl.rollout.mismatch import logprob_mismatch
+from megatron_rl.rollout.mismatch import PROBE_TOLERANCE, logprob_mismatch
 from megatron_rl.trainer.advantages import AdvantageConfig, compute_advantages
 from megatron_rl.trainer.config import RLConfig, load_rl_config
 from megatron_rl.trainer.data import DataConfig, PromptDataset, PromptLoader
 from megatron_rl.trainer.learner import (Learner, broadcast_object, build_learner, hf_weights, init_world,
-                                         policy_logprobs, rollout_to_samples)
+                                         policy_logprobs, probe_engines, rollout_to_samples)
 from megatron_rl.trainer.rollouts import RolloutQueue, check_placement_env, make_engine
 from megatron_rl.utils.config import to_dict
 from megatron_rl.utils.tracking import PhaseTimer, Tracker
@@ -61,8 +63,9 @@ def train(cfg: RLConfig) -> list[dict]:
     reward_fn = SafeReward.from_spec(cfg.reward.fn)
     colocated = cfg.rollout.placement == "colocated"
     colocated_sleep = engine is not None and colocated and cfg.rollout.sleep_during_training
+    probe = WeightProbe.from_config(cfg, loader.dataset)
     if start > 0:   # the engines started from the base weights
-        sync(learner, engine, queue, version=start, verify=cfg.rollout.weight_check != "never")
+        sync(learner, engine, queue, version=start, check=probe if cfg.rollout.weight_check != "never" else None)
 
     last = start - 1
     for step in range(start, cfg.train.steps):
@@ -86,7 +89,8 @@ def train(cfg: RLConfig) -> list[dict]:
             if colocated_sleep:
                 engine.wake_up()    # weights must be resident before they are updated (and shut down)
             if not stopping:
-                metrics.update(sync(learner, engine, queue, version=step + 1, verify=_verify(cfg, step, start)))
+                metrics.update(sync(learner, engine, queue, version=step + 1,
+                                    check=probe if _verify(cfg, step, start) else None))
         if _checkpoint_due(cfg, step) or stopping:
             checkpoint(cfg, learner, data_state, step + 1, run_dir / "checkpoints")
         if tracker:
@@ -119,8 +123,8 @@ def _checkpoint_due(cfg: RLConfig, step: int) -> bool:
 
 
 def _verify(cfg: RLConfig, step: int, start: int) -> bool:
-    """Read the engines' weights back after this step's sync? (costs about one more sync). `first_last`:
-    the first sync of this process (a resumed one's start-up sync) and the run's last."""
+    """Check the engines after this step's sync (WeightProbe)? `first_last`: the first sync of this
+    process (a resumed one's start-up sync) and the run's last."""
     when = cfg.rollout.weight_check
     return when == "every" or (when == "first_last" and (step == start == 0 or step == cfg.train.steps - 1))
 
@@ -223,25 +227,55 @@ def learn(cfg: RLConfig, learner: Learner, samples: list[dict], first_step: bool
     return broadcast_object(out, src=learner.log_rank)
 
 
-def sync(learner: Learner, engine, queue: RolloutQueue, version: int, verify: bool) -> dict:
-    """Stream the learner's weights (policy step `version`) to the engines; on `verify`, read them back
-    and compare. Every rank drives the weight stream (it is collective); only rank 0 holds the engines.
-    Remote engines first finish the generation in flight (lag 1: the next step's, with the old weights)."""
+@dataclass
+class WeightProbe:
+    """What a weight-sync check runs: the behavioural probe (the first `prompts` of the data set, a
+    seeded response of `max_tokens` each) and, with `readback`, the parameter read-back."""
+    prompts: list
+    max_tokens: int
+    tolerance: float
+    readback: bool
+
+    @classmethod
+    def from_config(cls, cfg: RLConfig, dataset) -> "WeightProbe":
+        r = cfg.rollout
+        tolerance = r.probe_tolerance
+        if tolerance is None:   # the coarser of the engine's and the learner's precision decides
+            tolerance = max(PROBE_TOLERANCE[r.dtype], PROBE_TOLERANCE[cfg.model.dtype])
+        prompts = [dataset[i].prompt_ids for i in range(min(r.probe_prompts, len(dataset)))]
+        return cls(prompts, min(r.probe_tokens, r.max_response_length), tolerance, r.weight_readback)
+
+
+def sync(learner: Learner, engine, queue: RolloutQueue, version: int, check: Optional[WeightProbe]) -> dict:
+    """Stream the learner's weights (policy step `version`) to the engines, then, given a `check`, make
+    sure the engines score tokens as the learner does. Every rank drives the weight stream and the
+    probe's forward (both collective); only rank 0 holds the engines. Remote engines first finish the
+    generation in flight (lag 1: the next step's, with the old weights)."""
     bucket = learner.cfg.rollout.weight_sync_bucket_mb << 20
     # remote engines stamp their rollouts with the version they hold; the local engine has no versions
     versioned = {"version": version} if learner.cfg.rollout.placement == "disaggregated" else {}
     out = _drive(hf_weights(learner), lambda w: engine.update_weights(w, max_bucket_bytes=bucket,
-                                                                      **versioned).as_metrics(), engine)
+                                                                      **versioned).as_metrics(), engine) or {}
     queue.weights_updated(version)
-    if verify:
-        check = _drive(hf_weights(learner), engine.verify_weights if engine else None, engine)
-        if check is not None:
-            if not check.ok:
+    if check is None:
+        return out
+    if check.readback:   # names the tensor that differs
+        readback = _drive(hf_weights(learner), engine.verify_weights if engine else None, engine)
+        if readback is not None:
+            if not readback.ok:
                 raise RuntimeError(f"weight sync check failed after the update to step {version}: "
-                                   f"{check.summary()}")
-            out["weight_sync/max_abs_diff"] = check.max_abs_diff
-            out["weight_sync/checked"] = 1
-    return out or {}
+                                   f"{readback.summary()}")
+            out["weight_sync/max_abs_diff"] = readback.max_abs_diff
+    t0 = time.perf_counter()
+    probe = probe_engines(learner, engine, check.prompts, check.max_tokens, check.tolerance)
+    if not probe.ok:
+        raise RuntimeError(f"weight sync probe failed after the update to step {version}: the engine does not "
+                           f"score tokens as the learner does ({probe.summary()}); the rollouts would come from "
+                           "a policy the learner never trained. A tolerance too tight for the dtypes is set by "
+                           "rollout.probe_tolerance")
+    out.update({"weight_sync/probe_logprob_diff_max": probe.max_abs_diff, "weight_sync/checked": 1,
+                "weight_sync/probe_seconds": time.perf_counter() - t0})
+    return out
 
 
 def _drive(stream, consume, engine):

@@ -84,6 +84,7 @@ def test_one_engine_server_two_rank_learner_lag_one(tmp_path, demo):
         assert r["rollout/samples"] == 16 and r["rollout/engines"] == 1
         # the engine's weights equal the learner's after every broadcast (fp32 both sides: exact)
         assert r["weight_sync/checked"] == 1 and r["weight_sync/max_abs_diff"] == 0.0, r
+        assert r["weight_sync/probe_logprob_diff_max"] < 1e-4, r     # and it scores as the learner does
         assert r["weight_sync/tensors"] > 0
     # the prompts are those of a colocated run: the queue draws step k+1's batch one step early only
     steps = _lines(run_dir / "rollouts.jsonl")

@@ -94,6 +94,9 @@ def test_rl_job_end_to_end_stop_request_and_resume(tmp_path, demo):
     assert checked == [0, 3], checked
     assert "weight_sync/tensors" not in rows[stopped] and "weight_sync/tensors" in rows[stopped + 1]
     assert all(r["weight_sync/max_abs_diff"] == 0.0 for r in rows if r["step"] in checked)
+    # the behavioural probe on the same schedule: the engine scores its probe responses as the learner does
+    assert [r["step"] for r in rows if "weight_sync/probe_logprob_diff_max" in r] == checked
+    assert all(r["weight_sync/probe_logprob_diff_max"] < 1e-4 for r in rows if r["step"] in checked), rows
     # |pi - mu| at identical weights, before the first update: float32 engine vs float32 learner
     assert rows[0]["mismatch/prob_diff_max"] < 1e-3, rows[0]
     assert (run_dir / "summary.png").stat().st_size > 0 and list((run_dir / "tensorboard").iterdir())

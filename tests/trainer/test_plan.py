@@ -101,6 +101,10 @@ def test_world_size_refusal_lists_node_counts_that_work():
     (dict(rollout={"engine_nodes": -1}), "`rollout.engine_nodes` must be >= 0"),
     (dict(rollout={"engine_nodes": 2}), "`rollout.engine_nodes` = 2 applies only to `rollout.placement: disaggregated`"),
     (dict(rollout={"engine_nodes": 1.5}), "`rollout.engine_nodes` must be an integer"),
+    (dict(rollout={"probe_prompts": 0}), "`rollout.probe_prompts` must be >= 1"),
+    (dict(rollout={"probe_tokens": 0}), "`rollout.probe_tokens` must be >= 1"),
+    (dict(rollout={"probe_tolerance": 0.0}), "`rollout.probe_tolerance` must be a finite number > 0"),
+    (dict(rollout={"probe_tolerance": float("nan")}), "`rollout.probe_tolerance` must be a finite number > 0"),
 ])
 def test_memory_and_placement_keys_are_validated_naming_the_key(change, needle):
     with pytest.raises(ValueError) as e:
