@@ -31,6 +31,7 @@ class DemoSpec:
     sft_batch: int = 32
     hidden_size: int = 128
     num_layers: int = 2
+    tie_word_embeddings: bool = False
     seed: int = 0
 
 
@@ -119,7 +120,8 @@ def prepare_demo(out_dir: str | Path, spec: DemoSpec = DemoSpec(), log=print) ->
     tok = make_tiny_tokenizer(out / "tokenizer", corpus=corpus)
     torch.manual_seed(spec.seed)
     model = make_tiny_hf_model("llama", out / "hf_init", vocab_size=len(tok), tokenizer=tok,
-                               hidden_size=spec.hidden_size, num_layers=spec.num_layers, seed=spec.seed)
+                               hidden_size=spec.hidden_size, num_layers=spec.num_layers, seed=spec.seed,
+                               tie_word_embeddings=spec.tie_word_embeddings)
     curve = sft_warmup(model, tok, sft_rows, spec.sft_steps, spec.sft_lr, spec.sft_batch, spec.seed)
     acc = sampled_accuracy(model, tok, evals[:32], seed=spec.seed)
     model.save_pretrained(out / "hf_sft")

@@ -259,6 +259,7 @@ def sync(learner: Learner, engine, queue: RolloutQueue, version: int, check: Opt
     queue.weights_updated(version)
     if check is None:
         return out
+    t0 = time.perf_counter()
     if check.readback:   # names the tensor that differs
         readback = _drive(hf_weights(learner), engine.verify_weights if engine else None, engine)
         if readback is not None:
@@ -266,6 +267,7 @@ def sync(learner: Learner, engine, queue: RolloutQueue, version: int, check: Opt
                 raise RuntimeError(f"weight sync check failed after the update to step {version}: "
                                    f"{readback.summary()}")
             out["weight_sync/max_abs_diff"] = readback.max_abs_diff
+            out["weight_sync/readback_seconds"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     probe = probe_engines(learner, engine, check.prompts, check.max_tokens, check.tolerance)
     if not probe.ok:

@@ -128,5 +128,14 @@ def make_tiny_hf_model(family: str, out_dir: str | Path, vocab_size: int, seed: 
     return model
 
 
+def make_small_family(out_dir: str | Path, name: str, seed: int = 0) -> Path:
+    """A tokenizer and a tiny model of SMALL_FAMILIES[name] saved together in out_dir / name."""
+    family, kwargs = SMALL_FAMILIES[name]
+    path = Path(out_dir) / name
+    tok = make_tiny_tokenizer(path)
+    make_tiny_hf_model(family, path, vocab_size=len(tok), tokenizer=tok, seed=seed, **kwargs)
+    return path
+
+
 def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())

@@ -191,8 +191,10 @@ def tp_model(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny_qwen2_kv1")
     tok = make_tiny_tokenizer(path, vocab_size=300)   # pads to 320: rank 1 holds 20 padding rows
-    # one KV head for TP 2: k / v replicated on both ranks (num_kv_head_replicas = 2); QKV biases
-    make_tiny_hf_model("qwen2", path, vocab_size=len(tok), tokenizer=tok, seed=3, num_kv_heads=1)
+    # one KV head for TP 2: k / v replicated on both ranks (num_kv_head_replicas = 2); QKV biases; tied
+    # embeddings (Qwen2.5 small): each rank's LM head shard is the embedding's, re-derived after a sync
+    make_tiny_hf_model("qwen2", path, vocab_size=len(tok), tokenizer=tok, seed=3, num_kv_heads=1,
+                       tie_word_embeddings=True)
     return path, tok
 
 
@@ -214,26 +216,28 @@ def test_tp2_engine_sync_verify_and_generation(tp_engine, tp_model):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from megatron_rl.rollout import logprob_mismatch, sync_weights
+    from megatron_rl.rollout import logprob_mismatch, sync_weights, token_logprobs
+    from megatron_rl.rollout.mismatch import compare_probe
     from megatron_rl.rollout.weight_sync import serialize_bucket
     from tests.rollout.conftest import prompt_ids
     from tests.rollout.test_weight_sync import hf_rollout_logprobs, perturbed
 
     path, tok = tp_model
     original = load_file(str(path / "model.safetensors"))
-    assert len(original["model.embed_tokens.weight"]) == 300
+    assert len(original["model.embed_tokens.weight"]) == 300 and "lm_head.weight" not in original
+    checked = len(original) + 1        # + the tied head's derived copy, read back as lm_head.weight
     check = verify_weights(tp_engine, original.items())
-    assert check.ok and check.max_abs_diff == 0.0 and check.num_checked == len(original), check.summary()
+    assert check.ok and check.max_abs_diff == 0.0 and check.num_checked == checked, check.summary()
     assert check.not_checked == []
 
     new = perturbed(original, seed=7)
     stats = sync_weights(tp_engine, new.items(), max_bucket_bytes=64 << 10)
     assert stats.num_tensors == len(new)
     check = verify_weights(tp_engine, new.items(), max_bucket_bytes=64 << 10)
-    assert check.ok and check.max_abs_diff == 0.0 and check.num_checked == len(new), check.summary()
+    assert check.ok and check.max_abs_diff == 0.0 and check.num_checked == checked, check.summary()
     back = read_engine_weights(tp_engine)
     assert set(back) == set(new) and all(torch.equal(back[k], new[k]) for k in new)
-    assert set(verify_weights(tp_engine, original.items()).mismatched) == set(original)
+    assert set(verify_weights(tp_engine, original.items()).mismatched) == set(original) | {"lm_head.weight"}
 
     # expected side one element off, each on a chosen rank's slice: reported by name, alone
     wrong = {"model.layers.1.self_attn.o_proj.weight": (0, 127),     # row-parallel, rank 1's columns
@@ -244,6 +248,7 @@ def test_tp2_engine_sync_verify_and_generation(tp_engine, tp_model):
     for name, idx in wrong.items():
         expected[name][idx] += 0.25
     check = verify_weights(tp_engine, expected.items())
+    wrong["lm_head.weight"] = wrong["model.embed_tokens.weight"]    # the head is compared with the embedding
     assert set(check.mismatched) == set(wrong) and all(abs(d - 0.25) < 1e-6 for d in check.mismatched.values())
 
     # engine side one element off (loaded through vLLM into both ranks' slices of a row-parallel weight)
@@ -265,3 +270,9 @@ def test_tp2_engine_sync_verify_and_generation(tp_engine, tp_model):
     assert logprob_mismatch(hf_rollout_logprobs(hf, out, 0.7), mu)["logprob_diff_max"] > 1e-2
     hf.load_state_dict(new, strict=False)
     assert logprob_mismatch(hf_rollout_logprobs(hf, out, 0.7), mu)["prob_diff_max"] < 2e-4
+    # the weight-sync probe at engine TP 2: behaviour equals HF(new) token by token
+    probe = tp_engine.probe(prompt_ids(tok, QUESTIONS), max_tokens=8)
+    with torch.no_grad():
+        hf_lps = [token_logprobs(hf(s.tokens[None]).logits[0, s.prompt_ids.numel() - 1: -1], s.response_ids, 0.7)
+                  for s in probe[0].samples]
+    assert compare_probe(probe, [hf_lps], tolerance=1e-4).ok

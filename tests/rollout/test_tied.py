@@ -20,14 +20,14 @@ ATOL = 2e-4    # fp32 engine vs HF (platform.md measured 2.5e-5 for processed_lo
 
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory):
-    from megatron_rl.utils.tiny import SMALL_FAMILIES, make_tiny_hf_model, make_tiny_tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = tmp_path_factory.mktemp("tiny_llama_tied")
-    tok = make_tiny_tokenizer(path)
-    family, kwargs = SMALL_FAMILIES["llama3.2"]
-    model = make_tiny_hf_model(family, path, vocab_size=len(tok), tokenizer=tok, seed=3, **kwargs)
+    from megatron_rl.utils.tiny import make_small_family
+
+    path = make_small_family(tmp_path_factory.mktemp("tied"), "llama3.2", seed=3)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    return path, tok, model.eval()
+    return path, AutoTokenizer.from_pretrained(path), model
 
 
 @pytest.fixture(scope="module")
