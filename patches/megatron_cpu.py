@@ -32,6 +32,13 @@ imported later, through an import hook). The proxy forwards everything to torch 
      optimizer format copies every state key from the checkpoint, but the checkpoint delivers `step`
      through the param groups instead (restored by load_state_dict just before): KeyError 'step'.
      The loader is given the already-restored `step` back, so it copies it onto itself.
+  P9 `tensor.cuda()` in `LanguageModule.setup_embeddings_and_output_layer` (0.16.1 and 0.19.2: `weight.data
+     = weight.data.cuda()` right before the all-reduce over the embedding group). With tied embeddings
+     at PP > 1 every GPTModel construction (training, the reference model, conversion) reaches it and
+     fails ("Torch not compiled with CUDA enabled"). While that function runs, `.cuda()` of a CPU tensor
+     returns the tensor itself, so the zero-filled last-stage copy is still all-reduced with the first
+     stage's embedding on gloo: both copies start equal (finalize_model_grads later sums their grads
+     over the same group; that needs no patch).
 """
 
 from __future__ import annotations
@@ -196,10 +203,22 @@ _CUDA_TYPE_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor",
 
 
 @contextlib.contextmanager
+def _tensor_cuda_is_self():
+    """P7 / P9: inside, `t.cuda()` is `t`. A Tensor method, so the module proxy cannot reach it: only
+    the megatron functions wrapped with _scoped run inside."""
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+@contextlib.contextmanager
 def _cuda_type_names():
     """P6 + P7: inside, `t.type()` of a CPU float tensor answers with the CUDA type name and
     `t.cuda()` is `t`. Only megatron functions listed in _patch_type_checks run inside."""
-    original, original_cuda = torch.Tensor.type, torch.Tensor.cuda
+    original = torch.Tensor.type
 
     def type_(self, dtype=None, non_blocking=False, **kwargs):
         if dtype is None and not kwargs:
@@ -208,20 +227,28 @@ def _cuda_type_names():
         return original(self, dtype, non_blocking, **kwargs)
 
     torch.Tensor.type = type_
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
     try:
-        yield
+        with _tensor_cuda_is_self():
+            yield
     finally:
-        torch.Tensor.type, torch.Tensor.cuda = original, original_cuda
+        torch.Tensor.type = original
 
 
-def _with_cuda_type_names(fn):
+def _scoped(fn, context):
+    """`fn` running inside `context()`, marked so that apply() wraps it only once."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _cuda_type_names():
+        with context():
             return fn(*args, **kwargs)
     wrapper.__megatron_rl_patched__ = True
     return wrapper
+
+
+def _patch_scoped(targets, context) -> None:
+    for owner, name in targets:
+        fn = getattr(owner, name)
+        if not getattr(fn, "__megatron_rl_patched__", False):
+            setattr(owner, name, _scoped(fn, context))
 
 
 def _patch_type_checks() -> None:
@@ -231,10 +258,15 @@ def _patch_type_checks() -> None:
                (optimizer.Float16OptimizerWithFloat16Params, "__init__"),
                (distrib_optimizer.DistributedOptimizer, "__init__"),
                (distrib_optimizer.DistributedOptimizer, "get_parameter_state_dp_zero")]
-    for owner, name in targets:
-        fn = getattr(owner, name)
-        if not getattr(fn, "__megatron_rl_patched__", False):
-            setattr(owner, name, _with_cuda_type_names(fn))
+    _patch_scoped(targets, _cuda_type_names)
+
+
+def _patch_tied_embedding_setup() -> None:
+    """P9. Patched on LanguageModule itself: GPTModel (and every other language model) inherits the
+    method and calls it from __init__ through `self`, so each construction runs the wrapper."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    _patch_scoped([(LanguageModule, "setup_embeddings_and_output_layer")], _tensor_cuda_is_self)
 
 
 def _keep_adam_step(fn):
@@ -282,6 +314,7 @@ def apply() -> bool:
             _patch_module(module)
     _patch_type_checks()
     _patch_adam_step()
+    _patch_tied_embedding_setup()
     _applied = True
     return True
 

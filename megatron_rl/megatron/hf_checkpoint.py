@@ -137,23 +137,6 @@ def _check_world(tp: int, pp: int) -> None:
 # ------------------------------------------------------------------------------------------- model
 
 @contextmanager
-def _tensor_cuda_is_noop_without_cuda():
-    """GPTModel.__init__ with tied embeddings and PP > 1 syncs the last stage's output-layer copy with
-    `weight.data.cuda()` (LanguageModule.setup_embeddings_and_output_layer, megatron-core 0.16.1), a
-    Tensor method that patches/megatron_cpu.py does not cover yet. Scoped to model construction here;
-    TODO(patches owner): move into patches/megatron_cpu.py and drop this."""
-    if torch.cuda.is_available():
-        yield
-        return
-    original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = original
-
-
-@contextmanager
 def _without_random_init():
     """Conversion overwrites every parameter, so megatron's random init is pure cost, and on CPU a
     large one: each column / row-parallel weight is drawn as its FULL fp32 master copy on every rank,
@@ -185,7 +168,7 @@ def build(cfg: ModelConfig, ps: ParallelState):
     RoPE's inv_freq is a plain attribute, not a buffer, so it stays fp32. The local layer spec even on
     GPU: conversion needs no transformer-engine, and both specs write the same dist-checkpoint keys.
     Parameters are left uninitialised: callers fill every one (fill_from_hf, or load_weights, strict)."""
-    with _tensor_cuda_is_noop_without_cuda(), _without_random_init():
+    with _without_random_init():
         model = build_model(cfg, ps, params_dtype=cfg.dtype, use_te=False)
     return model.to(_DTYPES[cfg.dtype])
 

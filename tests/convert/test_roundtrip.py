@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests.megatron.common import pipeline_logits
 from tests.multirank import run_ranks
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
@@ -75,28 +76,6 @@ def models(tmp_path_factory):
     return root, tokens, out
 
 
-def _forward_logits(model, ps, tokens, width):
-    """Full logits [b, s, width] (width = padded vocabulary) on every rank, through the pipeline by hand."""
-    b, s = tokens.shape
-    pos = torch.arange(s).unsqueeze(0).expand(b, s)
-    pp_ranks = dist.get_process_group_ranks(ps.pp_group)
-    if not ps.is_first_stage:
-        hidden = torch.empty(s, b, model.config.hidden_size, dtype=model.config.params_dtype)
-        dist.recv(hidden, src=pp_ranks[ps.pp_rank - 1])
-        model.set_input_tensor(hidden)
-    with torch.no_grad():
-        out = model(tokens, pos, None)
-    logits = torch.empty(b, s, width, dtype=out.dtype)
-    if not ps.is_last_stage:
-        dist.send(out.contiguous(), dst=pp_ranks[ps.pp_rank + 1])
-    else:
-        parts = [torch.empty_like(out) for _ in range(ps.tp)]
-        dist.all_gather(parts, out.contiguous(), group=ps.tp_group)
-        logits = torch.cat(parts, dim=-1)
-    dist.broadcast(logits, src=pp_ranks[-1], group=ps.pp_group)
-    return logits
-
-
 def _body(rank, world, root, tokens, cases):
     from megatron_rl.convert import read_metadata
     from megatron_rl.megatron.hf_checkpoint import (build, hf_to_megatron, hf_to_megatron_main, load_weights,
@@ -120,7 +99,7 @@ def _body(rank, world, root, tokens, cases):
             dtypes = {p.dtype for p in model.parameters()}
             assert dtypes == {getattr(torch, cfg.dtype)}, (name, dtypes)
             if ref is not None:
-                logits = _forward_logits(model, ps, tokens, cfg.padded_vocab_size(tp))[..., :cfg.vocab_size]
+                logits = pipeline_logits(model, ps, tokens, cfg.padded_vocab_size(tp))[..., :cfg.vocab_size]
                 errors[(tp, pp)] = (logits - ref).abs().max().item()
             elif (tp, pp) == (2, 2):
                 # a trainer keeping fp32 weights loads the bf16 checkpoint exactly (upcast on load)

@@ -7,6 +7,7 @@ import torch
 from megatron_rl.model_config import ModelConfig
 
 # Qwen2-like (QKV bias) with QK-norm and GQA, untied; vocab 250 pads to 256 at TP 1 and 2 alike.
+# (tests/megatron/test_step.py also trains a tied variant without QK-norm: a real Qwen2, exportable to HF.)
 MODEL = dict(family="qwen2", vocab_size=250, hidden_size=64, ffn_hidden_size=128, num_layers=4,
              num_attention_heads=4, num_query_groups=2, add_qkv_bias=True, qk_layernorm=True,
              make_vocab_size_divisible_by=8, rope_theta=10000.0)
@@ -57,3 +58,28 @@ def loss_cfgs():
         "dppo_topk_kl": LossConfig(mode="dppo_topk_kl", topk=TOPK),
         "cppo": LossConfig(mode="cppo", divergence="topk_tv", horizon="sequence", topk=TOPK),
     }
+
+
+def pipeline_logits(model, ps, tokens: torch.Tensor, width: int) -> torch.Tensor:
+    """Full logits [b, s, width] (width = padded vocabulary) of a bare GPTModel stage on every rank,
+    through the pipeline by hand (p2p on the default group, no schedule). Collective over TP x PP."""
+    import torch.distributed as dist
+
+    b, s = tokens.shape
+    pos = torch.arange(s).unsqueeze(0).expand(b, s)
+    pp_ranks = dist.get_process_group_ranks(ps.pp_group)
+    if not ps.is_first_stage:
+        hidden = torch.empty(s, b, model.config.hidden_size, dtype=model.config.params_dtype)
+        dist.recv(hidden, src=pp_ranks[ps.pp_rank - 1])
+        model.set_input_tensor(hidden)
+    with torch.no_grad():
+        out = model(tokens, pos, None)
+    logits = torch.empty(b, s, width, dtype=out.dtype)
+    if not ps.is_last_stage:
+        dist.send(out.contiguous(), dst=pp_ranks[ps.pp_rank + 1])
+    else:
+        parts = [torch.empty_like(out) for _ in range(ps.tp)]
+        dist.all_gather(parts, out.contiguous(), group=ps.tp_group)
+        logits = torch.cat(parts, dim=-1)
+    dist.broadcast(logits, src=pp_ranks[-1], group=ps.pp_group)
+    return logits
