@@ -1,5 +1,5 @@
 """Disaggregated placement end to end on CPU: one vLLM engine server process and a learner of 2 ranks
-(torchrun, pipeline parallel 2), on loopback, as launch.sh wires them on a cluster: the engine server
+(torchrun, pipeline parallel 2, the tied-embedding demo model), on loopback, as launch.sh wires them on a cluster: the engine server
 waits at the rendezvous the learner's rank 0 hosts (MRL_ENGINE_RENDEZVOUS / MRL_NUM_ENGINES).
 
 With rollout.max_off_policy_lag = 1 the rollout of step k+1 is generated while step k trains, with the
@@ -70,8 +70,11 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_one_engine_server_two_rank_learner_lag_one(tmp_path, demo):
+def test_one_engine_server_two_rank_learner_lag_one(tmp_path, demo_tied):
+    """With the tied demo model at PP 2: the embedding (stage 0) and the output layer (stage 1) are
+    separate copies in the learner and one parameter in the engine."""
     pytest.importorskip("vllm")
+    demo = demo_tied
     run_dir = tmp_path / "run"
     _run(tmp_path, demo, run_dir, "first")
 
