@@ -9,15 +9,19 @@ Conventions (all functions):
 - logits: [*, W] with W = shard.end - shard.start, fp32 / bf16 / fp16, any leading shape (flattened to
   N tokens by a view, never copied). Never modified, unless `inplace_backward=True` (see _LogProbs).
 - temperature: the rollout engine's processing, reproduced exactly: z = float32(logits) / T (vLLM's
-  sampler upcasts to fp32, then `logits.div_(temperature)`). A float or a tensor of the leading shape.
+  sampler upcasts to fp32, then `logits.div_(temperature)` by its fp32 [N, 1] column). A float or a
+  tensor of the leading shape; either becomes an fp32 [N, 1] column (a float: one value, expanded), so
+  every z is the fp32 upcast divided in fp32, never logits / T in bf16 / fp16 (a Python float does not
+  promote a bf16 tensor: bf16 / 0.7 is rounded to bf16, up to ~0.1 off in log p at |z| ~ 50).
 - padding: the columns of global id >= vocab_size are a suffix of the vocabulary, so on every shard the
   real columns are a prefix [0, shard.valid). Only that prefix is ever read: padding gets no probability
   and a zero gradient, and no -inf mask is ever written.
 - chunking: the vocabulary pass walks `chunk_rows` tokens at a time (default: DEFAULT_CHUNK_BYTES of
   fp32) through fp32 work buffers reused across chunks, so the extra working memory is chunk_rows * W * 4
   bytes (split over two buffers when the entropy is needed; at least one row per buffer) whatever N is,
-  and bf16 logits are never upcast whole. Beyond that: the [N, W] gradient (none with inplace_backward)
-  and O(N * K) per-token vectors.
+  and bf16 logits are never upcast whole (T != 1 upcasts each chunk into a work buffer; at T == 1 on CPU
+  the mixed-dtype sub also makes a transient one-buffer upcast per chunk: see _shifted). Beyond that:
+  the [N, W] gradient (none with inplace_backward) and O(N * K) per-token vectors.
 - validation: local checks, then ONE tiny all-reduce of every rank's facts ([tp, 7] int64) before any
   other collective, so a bad argument raises the same ValueError on every rank (naming the argument and
   the rank) and no rank is left waiting in a collective.
@@ -160,33 +164,47 @@ def _rows(width: int, chunk_rows: Optional[int], buffers: int) -> int:
     return max(1, chunk_rows // buffers)
 
 
-def _temp_rows(temperature: Temperature, n: int):
-    """None for T == 1 (no division at all), a float, or a [N, 1] fp32 column."""
+def _temp_rows(temperature: Temperature, n: int) -> Optional[torch.Tensor]:
+    """None for T == 1 (no division at all), else an fp32 [N, 1] column of T (a float: expanded, no copy).
+
+    Always a tensor with a dimension, never a Python float: a float (or 0-dim tensor) divisor leaves a
+    bf16 dividend's dtype alone, so x / T would be computed and rounded in bf16; an fp32 [N, 1] divisor
+    is true fp32 division, as vLLM's div_ by its fp32 temperature column (also on CUDA, where a Python
+    float divisor becomes a multiplication by its reciprocal).
+    """
     if isinstance(temperature, torch.Tensor):
         return temperature.reshape(n, 1).float()
-    return None if temperature == 1.0 else float(temperature)
+    if temperature == 1.0:
+        return None
+    return torch.full((1, 1), float(temperature), dtype=torch.float32).expand(n, 1)
 
 
 def _scale(v: torch.Tensor, temp, r0: int = 0, r1: Optional[int] = None) -> torch.Tensor:
-    """z = float32(v) / T for logits v [rows, K]: the rollout engine's scaling, bit for bit."""
+    """z = float32(v) / T for logits v [rows, K]: the rollout engine's scaling, bit for bit (upcast first,
+    then divide in fp32 by the fp32 column; the upcast is a new [rows, K] tensor, never v itself)."""
     v = v.float()
-    if temp is None:
-        return v
-    return v / (temp if isinstance(temp, float) else temp[r0:r1])
+    return v if temp is None else v / temp[r0:r1]
 
 
 def _shifted(x, r0, r1, w, out, temp, shift=None):
     """out = z - shift for the rows [r0, r1) and real columns of x, z = float32(x) / T; returns (out, shift).
 
-    shift None: the row max of z. T == 1 takes one pass (a mixed-dtype sub upcasts exactly), so fp32 and
-    bf16 logits are read once and never copied; out may alias x (same positions, elementwise).
+    shift None: the row max of z. out is an fp32 [r1 - r0, w] work buffer (or the fp32 gradient's rows,
+    which may alias x: same positions, elementwise); x itself is never written.
+    T == 1 takes one pass (a mixed-dtype sub upcasts exactly; on CPU the op upcasts a bf16 chunk into a
+    chunk-sized temporary first, on CUDA in the kernel), so the logits are read once.
+    T != 1: z = float32(x) / T in fp32. bf16 / fp16 logits are first upcast INTO out (copy_, exact, no
+    temporary), then divided there in place by the fp32 column; fp32 logits are divided straight into out.
     """
     xc = x[r0:r1, :w]
     if temp is None:
         if shift is None:
             shift = xc.amax(dim=1).float()
         return torch.sub(xc, shift[:, None], out=out), shift
-    torch.div(xc, temp if isinstance(temp, float) else temp[r0:r1], out=out)
+    if xc.dtype == torch.float32:
+        torch.div(xc, temp[r0:r1], out=out)                 # z = x / T, fp32 throughout
+    else:
+        out.copy_(xc).div_(temp[r0:r1])                     # z = float32(x), then / T in fp32
     if shift is None:
         shift = out.amax(dim=1)
     return out.sub_(shift[:, None]), shift
@@ -304,7 +322,8 @@ class _LogProbs(torch.autograd.Function):
         grad[:, w:].zero_()                               # padding: never any probability, zero gradient
         if n == 0 or w == 0:
             return (grad,) + (None,) * 7
-        # the per-row factors, with 1/T folded in (dL/dlogits = dL/dz / T)
+        # the per-row factors, with 1/T folded in (dL/dlogits = dL/dz / T); all fp32 [N, 1]: 1/T from the
+        # fp32 column, and p is recomputed as in forward (z = float32(x) / T in fp32, by _shifted)
         inv_t = 1.0 if temp is None else 1.0 / temp
         neg_g = (g_lp.float().sum(dim=1, keepdim=True) if g_lp is not None else torch.zeros(n, 1)) * -inv_t
         g_h = g_ent.float()[:, None] * inv_t if g_ent is not None else None

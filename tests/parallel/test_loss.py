@@ -48,6 +48,9 @@ def _configs():
          {"seq_first": True, "temperature": "per-token"}),
         ("cppo topk_tv bf16 per-token T", LossConfig(mode="cppo", divergence="topk_tv", topk=K, entropy_coef=0.02),
          {"dtype": torch.bfloat16, "temperature": "per-token"}),
+        # a float T on bf16 logits: z = float32(x) / T in fp32 (a bf16 division was ~1e-1 off in log p)
+        ("cppo topk_tv bf16 T=0.7", LossConfig(mode="cppo", divergence="topk_tv", topk=K, entropy_coef=0.02),
+         {"dtype": torch.bfloat16, "temperature": 0.7}),
     ]
     return out
 

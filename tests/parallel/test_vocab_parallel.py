@@ -2,7 +2,10 @@
 
 One 4-rank launch runs every case (process start-up dominates); each rank checks its own shard, and the
 test also checks that the expected number of checks ran on every rank (nothing silently skipped).
-Tolerances: see tests/parallel/_reference.py.
+Tolerances: see tests/parallel/_reference.py. The same for the bf16 cases, against the fp32 reference
+log_softmax(float32(logits) / T) of the same bf16 logits upcast: values (log p of the target, at ids,
+entropy, lse, top-K) rtol 1e-5 / atol 1e-6, i.e. fp32 roundoff (a division done in bf16 is ~1e-1 off);
+gradients (returned in bf16) within one bf16 ulp of the fp32 reference gradient rounded to bf16.
 """
 
 from __future__ import annotations
@@ -16,18 +19,26 @@ from tests.multirank import run_ranks
 from tests.parallel._reference import (ATOL, RTOL, assert_grad_close, boundary_ids, full_logits, padded,
                                        ref_entropy, ref_logp, shard_of, tp_groups)
 
-# (vocab, tokens, K, dtype, temperature, chunk_rows, leading shape)
+# (vocab, tokens, K, dtype, temperature, chunk_rows, leading shape); temperature: a float, "per-token"
+# (a tensor of distinct T), or ("tensor", T): the float T as a tensor of the leading shape
 CASES = [
     (1000, 13, 6, torch.float32, 1.0, None, None),     # tp=4: last shard partly padding
     (300, 9, 5, torch.float32, 0.7, 4, None),          # tp=4: rank 3's shard is ALL padding
     (1000, 12, 4, torch.bfloat16, "per-token", 5, (3, 4)),
     (257, 7, 3, torch.float32, 1.3, 1, (7,)),          # chunk of one token
+    # bf16 at a float / tensor T: z = float32(x) / T divided in fp32, never bf16(x / T)
+    (1000, 12, 4, torch.bfloat16, 0.7, 5, (3, 4)),
+    (1000, 12, 4, torch.bfloat16, ("tensor", 0.7), 1, None),
+    (1000, 12, 4, torch.bfloat16, 1.0, 2, None),
+    (1000, 12, 4, torch.bfloat16, ("tensor", 1.0), None, (12,)),
 ]
 
 
 def _temperature(spec, lead):
     if spec == "per-token":
         return torch.linspace(0.6, 1.4, int(torch.tensor(lead).prod())).view(lead)
+    if isinstance(spec, tuple):
+        return torch.full(lead, spec[1])
     return spec
 
 
@@ -125,6 +136,7 @@ def _check_case(tp, group, r, case_idx, case, use_none_group):
             rows = torch.arange(vals.reshape(-1, kk).shape[0]) != 1
             assert torch.equal(top_ids.reshape(-1, kk)[rows], ri.reshape(-1, kk)[rows]), f"{tag}: top-{kk} ids"
         checks += 1
+    assert torch.equal(x, x_full[..., shard.start:shard.end]), f"{tag}: top-K modified the caller's logits"
     return checks
 
 
