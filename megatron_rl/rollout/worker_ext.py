@@ -64,6 +64,7 @@ class EngineWeightReader:
         self.packed = {k: list(v) for k, v in (getattr(model, "packed_modules_mapping", None) or {}).items()}
         self.sub_to_packed = {sub: (packed, i) for packed, subs in self.packed.items() for i, sub in enumerate(subs)}
         self._local_cache: dict[str, Optional[torch.Tensor]] = {}
+        self._shared = _shared_owners(model)    # once per reader, not once per compared name
 
     def hf_names(self) -> list[str]:
         names = []
@@ -108,7 +109,7 @@ class EngineWeightReader:
         weight), by the alias's own name: a read-back of the shared parameter alone cannot see them."""
         module_path, _, leaf = hf_name.rpartition(".")
         out = []
-        for modules in _shared_owners(self.model):
+        for modules in self._shared:
             if leaf != "weight" or module_path not in {m for m, _ in modules}:
                 continue
             for mname, module in modules:
