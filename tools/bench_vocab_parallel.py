@@ -229,7 +229,7 @@ def main():
     from megatron_rl.parallel import vocab_parallel as vp
 
     print(f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread per rank, "
-          f"chunk budget {vp.DEFAULT_CHUNK_BYTES / 2**20:g} MiB, {a.reps} interleaved runs; time = min, t/t(a) = "
+          f"chunk budget {vp.chunk_bytes('cpu') / 2**20:g} MiB, {a.reps} interleaved runs; time = min, t/t(a) = "
           f"min / min of (a), med = median of per-round ratios")
     print(f"{'V':>7} {'dtype':>5} {'tp':>2} {'method':>6} {'N':>5} {'time s':>7} {'t/t(a)':>6} {'med':>5} {'peak MiB':>9} "
           f"{'p/p(a)':>6} {'p-p(a) MiB':>10} {'chunk MiB':>9} {'B/token':>8} {'goal':>5}")
@@ -237,7 +237,7 @@ def main():
         for dtype in a.dtype:
             for tp in a.tp:
                 width = -(-vocab // (128 * tp)) * (128 * tp) // tp
-                chunk = vp._rows(width, None, 1) * width * 4
+                chunk = vp._rows(width, None, 1, torch.device('cpu')) * width * 4
                 runs = []
                 main_methods = [m for m in a.methods if m != "d"]
                 if main_methods:

@@ -53,7 +53,8 @@ def cppo_mask(divergence: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: tor
               max_response_length: Optional[int] = None, delta_b_mode: str = "fixed", delta_b: float = 0.015,
               delta_b_min: float = 0.02, cap_mult: float = 2.0,
               seg_num_tokens: Optional[torch.Tensor] = None, seg_tokens_before: Optional[torch.Tensor] = None,
-              seg_prefix_z: Optional[torch.Tensor] = None, seg_delta_b: Optional[torch.Tensor] = None) -> CppoMask:
+              seg_prefix_z: Optional[torch.Tensor] = None, seg_delta_b: Optional[torch.Tensor] = None,
+              check: bool = True) -> CppoMask:
     """CPPO trust-region indicator I_t over packed segments. A pure function on flat tensors.
 
     divergence [N] (D_t, any float dtype), loss_mask [N] (bool or 0/1), cu_seqlens [S+1];
@@ -67,6 +68,13 @@ def cppo_mask(divergence: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: tor
     the sequence before this chunk), seg_prefix_z (sum of the earlier chunks' `z_sum`: an exclusive scan
     across ranks) and seg_delta_b (p90 must see the whole sequence: compute it once, e.g. by calling this
     function on the all-gathered D). Chunks given this way get exactly the whole sequence's I_t.
+
+    Host reads: on CPU tensors two shortcuts read values (equal-length segments take the [S, L] row
+    layout; an all-finite delta_b skips the infinite-budget handling). On an accelerator both would be a
+    device sync per call, so the general packed formulation runs instead (the same mask; the scans agree to
+    fp64 rounding: tests/test_device.py). `check` (default True) verifies that no loss token's position exceeds the horizon T
+    when T comes from the caller (horizon 'max', or seg_num_tokens): one host read; False skips it, for
+    inputs checked before (PolicyInputs(check_values=False)).
     """
     n, s = divergence.shape[0], cu_seqlens.shape[0] - 1
     dev, f64 = divergence.device, torch.float64
@@ -78,7 +86,8 @@ def cppo_mask(divergence: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: tor
         raise ValueError(f"delta_b_mode: got {delta_b_mode!r}; allowed: 'fixed', 'p90'")
     if horizon == "max" and max_response_length is None:
         raise ValueError("max_response_length: required with horizon 'max' (GlobalCounts.max_response_length)")
-    lay = _Layout(cu_seqlens.to(device=dev, dtype=torch.int64), n)
+    host = _host_reads(dev)       # value reads cost no device sync (see the docstring)
+    lay = _Layout(cu_seqlens.to(device=dev, dtype=torch.int64), n, host)
     mt = lay.tok(m)
     mf = mt.to(f64)        # (a float mask: multiplying by a bool tensor or cumsum-with-cast is ~8x slower on CPU)
 
@@ -89,7 +98,8 @@ def cppo_mask(divergence: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: tor
               else torch.zeros(s, dtype=f64, device=dev))
     big_t = ((seg_num_tokens.to(device=dev, dtype=f64) if seg_num_tokens is not None else n_local + before)
              if horizon == "sequence" else torch.full((s,), float(max_response_length), dtype=f64, device=dev))
-    if s and bool(((n_local + before > big_t) & (n_local > 0)).any()):
+    caller_t = horizon == "max" or seg_num_tokens is not None     # else T counts the segment: never exceeded
+    if check and caller_t and s and bool(((n_local + before > big_t) & (n_local > 0)).any()):
         raise ValueError("max_response_length / seg_num_tokens: a loss token's position t exceeds the horizon T "
                          "(T must count every loss token of the sequence)")
 
@@ -128,7 +138,7 @@ def cppo_mask(divergence: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: tor
     # are subtracted, and one cumsum does it. Z_t <= delta + sum_{j<t} y_j  <=>  Z_t + y_t - sum_{j<=t} y_j
     # <= delta, and Z_t + y_t = delta_b w_t: so the test needs only the inclusive scan. fp64 throughout.
     finite = torch.isfinite(db)
-    all_finite = bool(finite.all()) if s else True
+    all_finite = (bool(finite.all()) if s else True) if host else False   # False: the general form, no sync
     db_fin = db if all_finite else torch.where(finite, db, 0.0)
     scalar_db = seg_delta_b is None and delta_b_mode == "fixed"
     dbw = None if scalar_db else lay.per_seg(db_fin) * w                     # delta_b w_t
@@ -162,16 +172,21 @@ def cppo_mask(divergence: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: tor
     return CppoMask(lay.flat(inside), lay.flat(budget_only), db, z_sum, threshold)
 
 
+def _host_reads(dev: torch.device) -> bool:
+    return dev.type == "cpu"
+
+
 class _Layout:
     """Segmented-scan primitives over cu_seqlens. When every segment has the same length L (a padded batch)
     per-token tensors are viewed as [S, L]: a scan is a row cumsum and a per-segment value broadcasts as
     [S, 1] for free. Otherwise (packed) they stay [N]: a scan is one global cumsum minus each segment's
     starting value, and per-segment values are gathered by segment id."""
 
-    def __init__(self, cu: torch.Tensor, n: int):
+    def __init__(self, cu: torch.Tensor, n: int, host: bool = True):
         self.cu, self.n, self.s = cu, n, cu.shape[0] - 1
         lengths = cu[1:] - cu[:-1]
-        self.rows = self.s > 0 and n > 0 and bool((lengths == lengths[0]).all())
+        # the row layout is a CPU shortcut: deciding it on an accelerator would be a device sync
+        self.rows = host and self.s > 0 and n > 0 and bool((lengths == lengths[0]).all())
         self._seg = None
 
     def quantile(self, v, m, q):     # [S] fp64 q-quantile of each segment's masked values (NaN if none)

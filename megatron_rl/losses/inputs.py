@@ -10,7 +10,7 @@ masked by loss_mask.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Optional, Union
 
 import torch
@@ -49,6 +49,10 @@ class PolicyInputs:
                          `cppo_mask(...).z_sum` gives each chunk's share)
       seg_delta_b        CPPO: delta_b of the whole sequence (p90 needs every D of the sequence)
       seg_log_ratio_sum  GSPO: sum of m_t * (logprobs - anchor) over the whole sequence (detached)
+
+    Validation at construction: structure always (names, shapes, dtypes); values (finite floats, a 0/1
+    mask, cu_seqlens covering N) unless `check_values=False`. The value checks are one host sync; skipping
+    them is for inputs already checked, and for fake-tensor tests of the math (a fake tensor has no values).
     """
 
     logprobs: torch.Tensor
@@ -71,9 +75,16 @@ class PolicyInputs:
     seg_prefix_z: Optional[torch.Tensor] = None
     seg_delta_b: Optional[torch.Tensor] = None
     seg_log_ratio_sum: Optional[torch.Tensor] = None
+    check_values: InitVar[bool] = True
 
-    def __post_init__(self):
-        _validate(self)
+    def __post_init__(self, check_values: bool):
+        _validate(self, check_values)
+        object.__setattr__(self, "_values_checked", bool(check_values))
+
+    @property
+    def values_checked(self) -> bool:
+        """Whether construction verified the values (losses skip their own host-side value checks if not)."""
+        return self._values_checked
 
     @property
     def num_tokens(self) -> int:
@@ -168,7 +179,7 @@ def segment_sum(values: torch.Tensor, seg: torch.Tensor, num_segments: int) -> t
 
 # ---- validation ------------------------------------------------------------------------------------------
 
-def _validate(inp: PolicyInputs) -> None:
+def _validate(inp: PolicyInputs, check_values: bool = True) -> None:
     def err(name, msg):
         raise ValueError(f"PolicyInputs.{name}: {msg}")
 
@@ -234,6 +245,8 @@ def _validate(inp: PolicyInputs) -> None:
             err("anchor_full_logprobs", f"expected {tuple(f.shape)} like full_logprobs, got {tuple(a.shape)}")
 
     # Value checks, batched into one host sync: finiteness, 0/1 mask, cu_seqlens coverage.
+    if not check_values:
+        return
     checks, names = [], []
     for name in _FLOATS:
         v = getattr(inp, name)

@@ -124,7 +124,7 @@ def cppo(cfg: LossConfig, b: Batch) -> ModeResult:
                    delta_b_mode=cfg.delta_b_mode, delta_b=cfg.delta_b, delta_b_min=cfg.delta_b_min,
                    cap_mult=cfg.cap_mult, seg_num_tokens=inp.seg_num_tokens,
                    seg_tokens_before=inp.seg_tokens_before, seg_prefix_z=inp.seg_prefix_z,
-                   seg_delta_b=inp.seg_delta_b)
+                   seg_delta_b=inp.seg_delta_b, check=inp.values_checked)
     keep = toward_anchor(b.adv, log_ratio) | cm.inside
     return ModeResult(log_ratio, keep, div, {"cppo_budget_only_frac": cm.budget_only & ~keep},
                       {"cppo_delta_b_mean": cm.delta_b})

@@ -239,7 +239,8 @@ def _ensure_optimizer_state(optimizer) -> None:
                 if not st:
                     st["exp_avg"] = torch.zeros_like(p.data)
                     st["exp_avg_sq"] = torch.zeros_like(p.data)
-                    st["step"] = torch.tensor(0.0)
+                    # torch Adam keeps `step` on the host unless capturable / fused (what it creates itself)
+                    st["step"] = torch.tensor(0.0, dtype=torch.float32, device="cpu")
 
 
 def _unshare_adam_steps(optimizer) -> None:

@@ -14,6 +14,9 @@ Attention: on GPU the transformer-engine spec takes THD `packed_seq_params` (cu_
 local spec only takes an explicit boolean mask, so `attention_mask` is block-diagonal causal
 [1, 1, S, S] (True = masked) and positions run on across segments: RoPE depends on relative positions
 only, so this equals running each sequence alone (tests/megatron checks packed == unpacked logits).
+
+Devices: a microbatch is built on its samples' device (the host for rollouts: the Actor then moves the
+whole row to the model's device in one go), never on an implicit default.
 """
 
 from __future__ import annotations
@@ -109,13 +112,15 @@ def plan_microbatches(lengths: Sequence[int], microbatch_tokens: int, num_microb
 
 
 def causal_block_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """[1, 1, S, S] bool, True = masked: causal inside each segment; the padding tail is one more segment."""
-    seg = torch.full((total,), -1, dtype=torch.int64)
+    """[1, 1, S, S] bool, True = masked: causal inside each segment; the padding tail is one more segment.
+    Built on cu_seqlens' device."""
+    dev = cu_seqlens.device
+    seg = torch.full((total,), -1, dtype=torch.int64, device=dev)
     bounds = cu_seqlens.tolist()
     for k in range(len(bounds) - 1):
         seg[bounds[k]:bounds[k + 1]] = k
     seg[bounds[-1]:] = len(bounds)   # padding attends within itself, so no row is fully masked
-    pos = torch.arange(total)
+    pos = torch.arange(total, device=dev)
     allowed = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])
     return (~allowed)[None, None]
 
@@ -124,8 +129,9 @@ def pack(samples: Sequence[Sample], indices: Sequence[int], microbatch_tokens: i
          cpu_attention_mask: bool = True, pad_multiple: int = 1) -> Microbatch:
     """One microbatch row from samples[indices] (whole sequences, in order)."""
     S = microbatch_tokens
-    tokens = torch.zeros(S, dtype=torch.int64)
-    labels = torch.zeros(S, dtype=torch.int64)
+    dev = samples[indices[0]]["tokens"].device if len(indices) else torch.device("cpu")
+    tokens = torch.zeros(S, dtype=torch.int64, device=dev)
+    labels = torch.zeros(S, dtype=torch.int64, device=dev)
     names = sorted({k for i in indices for k in samples[i] if k != "tokens"})
     fields: dict[str, torch.Tensor] = {}
     bounds = [0]
@@ -144,13 +150,13 @@ def pack(samples: Sequence[Sample], indices: Sequence[int], microbatch_tokens: i
             if int(v.shape[0]) != L:
                 raise ValueError(f"sample {i}: field {k!r} has length {v.shape[0]}, tokens have {L}")
             if k not in fields:
-                fields[k] = torch.zeros((S,) + tuple(v.shape[1:]), dtype=v.dtype)
+                fields[k] = torch.zeros((S,) + tuple(v.shape[1:]), dtype=v.dtype, device=dev)
             fields[k][a:a + L - 1] = v[1:]   # position j holds the values of token j + 1 (its target)
         bounds.append(a + _padded(L, pad_multiple))
-    cu = torch.tensor(bounds, dtype=torch.int32)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=dev)
     return Microbatch(
-        tokens=tokens[None], labels=labels[None], position_ids=torch.arange(S)[None], cu_seqlens=cu,
-        seq_ids=torch.tensor(list(indices), dtype=torch.int64),
+        tokens=tokens[None], labels=labels[None], position_ids=torch.arange(S, device=dev)[None], cu_seqlens=cu,
+        seq_ids=torch.tensor(list(indices), dtype=torch.int64, device="cpu"),   # host bookkeeping
         fields={k: v[None] for k, v in fields.items()},
         attention_mask=causal_block_mask(cu, S) if cpu_attention_mask else None)
 

@@ -30,11 +30,11 @@ def _tp_group(ps: ParallelState):
 
 
 def full_cu_seqlens(mb: Microbatch) -> torch.Tensor:
-    """The row's segments plus its padding tail as one more (loss-free) segment, covering all S tokens."""
+    """The row's segments plus its padding tail as one more (loss-free) segment, covering all S tokens.
+    The tail is always appended (empty when the row is full): reading cu_seqlens[-1] to decide would be a
+    device sync per microbatch, and an empty segment has no loss token, so it changes nothing."""
     cu = mb.cu_seqlens.to(torch.int64)
-    if int(cu[-1]) < mb.num_tokens:
-        cu = torch.cat([cu, cu.new_tensor([mb.num_tokens])])
-    return cu
+    return torch.cat([cu, torch.full((1,), mb.num_tokens, dtype=torch.int64, device=cu.device)])
 
 
 def logprob_fn(model_cfg: ModelConfig, ps: ParallelState, temperature: float = 1.0):
@@ -61,7 +61,7 @@ def token_loss_fn(model_cfg: ModelConfig, ps: ParallelState, temperature: float 
 
 
 def policy_loss_fn(model_cfg: ModelConfig, ps: ParallelState, loss_cfg: LossConfig, temperature: float = 1.0,
-                   inplace_backward: bool = True):
+                   inplace_backward: bool = True, validate: bool = True):
     """The configured policy loss on one microbatch: megatron_rl.parallel.vocab_parallel_policy_loss fed
     from the microbatch. Fields read (aligned with the labels by packing): loss_mask, advantages,
     rollout_logprobs; old_logprobs (anchor 'old'); topk_ids and topk_logprobs (the rollout's top-K of mu,
@@ -76,6 +76,8 @@ def policy_loss_fn(model_cfg: ModelConfig, ps: ParallelState, loss_cfg: LossConf
     for its backward would fail loudly on autograd's version counter, never silently. (Actor passes the
     logits as a view of the model output, so the gradient reaches the output layer without a copy.)
     Pass False to wrap this loss_fn in something that reads the logits after it.
+    validate (default True): the loss's host-side value checks (ids in range, finite inputs; see
+    vocab_parallel_policy_loss); False makes the adapter free of host syncs, for data validated before.
     """
     shard, group = _shard(model_cfg, ps), _tp_group(ps)
     cp_group = ps.cp_group if ps.cp > 1 else None
@@ -102,7 +104,7 @@ def policy_loss_fn(model_cfg: ModelConfig, ps: ParallelState, loss_cfg: LossConf
         gc = GlobalCounts(counts.num_tokens, counts.num_sequences, counts.max_response_length)
         loss, metrics = vocab_parallel_policy_loss(logits, rollout, loss_cfg, gc, shard, group,
                                                    temperature=temperature, inplace_backward=inplace_backward,
-                                                   cp_group=cp_group)
+                                                   cp_group=cp_group, validate=validate)
         return loss, {k: v for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))
                       and (not isinstance(v, torch.Tensor) or v.numel() == 1)}
     return fn

@@ -16,6 +16,10 @@ with the pure `cppo_mask`. They go into PolicyInputs' seg_* fields, so the local
 token exactly the mask and weight it has unsplit. Every rank joins the one all-gather whatever it holds
 (a rank holding only padding included), so nothing can deadlock.
 
+Devices: the index bookkeeping is read from cu_seqlens on the host (a few ints per segment) and built on
+the device of the tensors it indexes: partition_index on cu_seqlens' device (packing: the host), the
+scan on the per-token values' device (the GPU in training).
+
 Counts: the global token / sequence counts must count each token once: take them from the unsplit
 microbatches (every CP rank of a replica has them) summed over DP, never from local chunks.
 """
@@ -39,8 +43,9 @@ def partition_index(cu_seqlens: torch.Tensor, cp: int, rank: int) -> tuple[torch
     """(index [S / cp] of this rank's positions in the row, in local order; local cu_seqlens [2n + 1]).
 
     `cu_seqlens` [n + 1] must cover the row and every segment length be a multiple of 2 * cp (pack with
-    pad_multiple = 2 * cp)."""
+    pad_multiple = 2 * cp). Both outputs are on cu_seqlens' device."""
     cu = [int(x) for x in cu_seqlens.tolist()]
+    dev = cu_seqlens.device
     idx, local = [], [0]
     for a, b in zip(cu[:-1], cu[1:]):
         if (b - a) % (2 * cp):
@@ -48,16 +53,17 @@ def partition_index(cu_seqlens: torch.Tensor, cp: int, rank: int) -> tuple[torch
                              f"context_parallel_size={cp}: pack with pad_multiple={2 * cp}")
         c = (b - a) // (2 * cp)
         for k in chunks_of_rank(cp, rank):
-            idx.append(torch.arange(a + k * c, a + (k + 1) * c))
+            idx.append(torch.arange(a + k * c, a + (k + 1) * c, device=dev))
             local.append(local[-1] + c)
-    index = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)
-    return index, torch.tensor(local, dtype=torch.int64)
+    index = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64, device=dev)
+    return index, torch.tensor(local, dtype=torch.int64, device=dev)
 
 
-def _gather_order(local_cu: torch.Tensor, cp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gather_order(local_cu: torch.Tensor, cp: int, dev: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For the rows all-gathered from every rank ([cp * S_loc], rank-major): the index that puts them
     in sequence order, the chunk-level cu_seqlens [2cp * n + 1] and sequence-level cu_seqlens [n + 1]
-    of that order."""
+    of that order, all on `dev`."""
     lc = [int(x) for x in local_cu.tolist()]
     s_loc = lc[-1]
     n = (len(lc) - 1) // 2
@@ -67,17 +73,18 @@ def _gather_order(local_cu: torch.Tensor, cp: int) -> tuple[torch.Tensor, torch.
         for k in range(2 * cp):
             r, slot = (k, 0) if k < cp else (2 * cp - 1 - k, 1)
             start = r * s_loc + lc[2 * j + slot]
-            order.append(torch.arange(start, start + c))
+            order.append(torch.arange(start, start + c, device=dev))
             chunk_cu.append(chunk_cu[-1] + c)
         seq_cu.append(chunk_cu[-1])
-    index = torch.cat(order) if order else torch.zeros(0, dtype=torch.int64)
-    return index, torch.tensor(chunk_cu, dtype=torch.int64), torch.tensor(seq_cu, dtype=torch.int64)
+    index = torch.cat(order) if order else torch.zeros(0, dtype=torch.int64, device=dev)
+    as_t = lambda v: torch.tensor(v, dtype=torch.int64, device=dev)  # noqa: E731
+    return index, as_t(chunk_cu), as_t(seq_cu)
 
 
-def _local_chunks(n: int, cp: int, rank: int) -> torch.Tensor:
+def _local_chunks(n: int, cp: int, rank: int, dev: torch.device) -> torch.Tensor:
     """Chunk-level indices (into 2cp * n) of this rank's 2n local segments, in local order."""
     k0, k1 = chunks_of_rank(cp, rank)
-    return torch.tensor([j * 2 * cp + k for j in range(n) for k in (k0, k1)], dtype=torch.int64)
+    return torch.tensor([j * 2 * cp + k for j in range(n) for k in (k0, k1)], dtype=torch.int64, device=dev)
 
 
 @torch.no_grad()
@@ -92,7 +99,8 @@ def cp_segment_fields(divergence: torch.Tensor, loss_mask: torch.Tensor, local_c
     """
     cp = dist.get_world_size(group) if group is not None else 1
     rank = dist.get_rank(group) if group is not None else 0
-    m = (loss_mask != 0).to(torch.float64)
+    dev, f64 = divergence.device, torch.float64
+    m = (loss_mask.to(dev) != 0).to(f64)
     cols = [divergence.detach().to(torch.float64) * m, m]
     if log_ratio is not None:
         cols.append(log_ratio.detach().to(torch.float64) * m)
@@ -103,17 +111,17 @@ def cp_segment_fields(divergence: torch.Tensor, loss_mask: torch.Tensor, local_c
         gathered = torch.cat(parts)
     else:
         gathered = local
-    order, chunk_cu, seq_cu = _gather_order(local_cu, cp)
+    order, chunk_cu, seq_cu = _gather_order(local_cu, cp, dev)
     full = gathered[order]                                             # every sequence, in order
     d_full, m_full = full[:, 0], full[:, 1] != 0
     n = seq_cu.numel() - 1
     nchunks = chunk_cu.numel() - 1
-    chunk_seq = torch.arange(n).repeat_interleave(2 * cp)               # sequence of each chunk
+    chunk_seq = torch.arange(n, device=dev).repeat_interleave(2 * cp)   # sequence of each chunk
 
     # loss tokens per chunk, per sequence, and before each chunk within its sequence
-    ends = torch.cat([torch.zeros(1, dtype=torch.float64), m_full.to(torch.float64).cumsum(0)])
+    ends = torch.cat([torch.zeros(1, dtype=f64, device=dev), m_full.to(f64).cumsum(0)])
     chunk_tokens = (ends[chunk_cu[1:]] - ends[chunk_cu[:-1]]).round().to(torch.int64)
-    seq_tokens = torch.zeros(n, dtype=torch.int64).index_add(0, chunk_seq, chunk_tokens)
+    seq_tokens = torch.zeros(n, dtype=torch.int64, device=dev).index_add(0, chunk_seq, chunk_tokens)
     incl = chunk_tokens.view(n, 2 * cp).cumsum(1) if n else chunk_tokens.view(0, 2 * cp)
     tokens_before = (incl - chunk_tokens.view(n, 2 * cp)).reshape(-1)
 
@@ -125,22 +133,21 @@ def cp_segment_fields(divergence: torch.Tensor, loss_mask: torch.Tensor, local_c
     # z = w_t D_t per chunk with each chunk's true positions t and horizon T
     z_chunk = cppo_mask(d_full, m_full, chunk_cu, delta=math.inf, delta_b_mode="fixed", delta_b=math.inf,
                         seg_num_tokens=seq_tokens[chunk_seq], seg_tokens_before=tokens_before,
-                        **kwargs).z_sum if nchunks else torch.zeros(0, dtype=torch.float64)
+                        **kwargs).z_sum if nchunks else torch.zeros(0, dtype=f64, device=dev)
     zc = z_chunk.view(n, 2 * cp)
     prefix_z = (zc.cumsum(1) - zc).reshape(-1)
 
-    mine = _local_chunks(n, cp, rank)
+    mine = _local_chunks(n, cp, rank, dev)
     out = {"seg_num_tokens": seq_tokens[chunk_seq][mine], "seg_tokens_before": tokens_before[mine],
            "seg_prefix_z": prefix_z[mine]}
     if cfg.delta_b_mode == "p90":
         out["seg_delta_b"] = seq_delta_b[chunk_seq][mine]
     if log_ratio is not None:
         lr = full[:, 2]
-        seq_lr = torch.zeros(n, dtype=torch.float64).index_add(
-            0, torch.arange(n).repeat_interleave(seq_cu[1:] - seq_cu[:-1]), lr)
+        seq_lr = torch.zeros(n, dtype=f64, device=dev).index_add(
+            0, torch.arange(n, device=dev).repeat_interleave(seq_cu[1:] - seq_cu[:-1]), lr)
         out["seg_log_ratio_sum"] = seq_lr[chunk_seq][mine]
-    dev = divergence.device
-    return {k: v.to(dev) for k, v in out.items()}
+    return out
 
 
 def local_divergence(cfg: LossConfig, inputs: PolicyInputs) -> Optional[torch.Tensor]:

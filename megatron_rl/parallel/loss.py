@@ -21,6 +21,7 @@ by context_parallel.with_cp_fields between the vocabulary pass and the loss.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Optional
 
 import torch
@@ -28,7 +29,8 @@ import torch.distributed as dist
 
 from megatron_rl.losses import GlobalCounts, LossConfig, PolicyInputs, compute_policy_loss
 from megatron_rl.parallel.context_parallel import with_cp_fields
-from megatron_rl.parallel.vocab_parallel import Temperature, VocabShard, _group_info, vocab_parallel_token_stats
+from megatron_rl.parallel.vocab_parallel import (Temperature, VocabShard, _group_info, _scale, _temp_rows,
+                                                 vocab_parallel_token_stats)
 
 # pi's side of PolicyInputs, computed here from the logits; every other field is the caller's `rollout`
 POLICY_FIELDS = ("logprobs", "topk_logprobs", "full_logprobs", "entropy")
@@ -68,7 +70,7 @@ def vocab_parallel_policy_loss(logits: torch.Tensor, rollout: Mapping[str, Any],
                                counts: GlobalCounts, shard: VocabShard, group, *,
                                temperature: Temperature = 1.0, seq_first: bool = False,
                                entropy_metric: bool = False, chunk_rows: Optional[int] = None,
-                               inplace_backward: bool = False, cp_group=None
+                               inplace_backward: bool = False, cp_group=None, validate: bool = True
                                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss (fp32 scalar, with grad to `logits`) and metrics of any registered mode, identical on every TP rank.
 
@@ -93,9 +95,12 @@ def vocab_parallel_policy_loss(logits: torch.Tensor, rollout: Mapping[str, Any],
     over the CP group. Backward: none.
     Errors (a bad rollout field, an id outside the vocabulary, a width that disagrees with `shard`, ranks
     that disagree on N) raise the same ValueError on every rank before any other collective.
+    validate=False skips the checks that read values on the host (the vocabulary pass's id / temperature
+    facts, PolicyInputs' finiteness / mask / cu_seqlens values; the structural checks stay): the math is
+    then free of host syncs, which is what a fake-tensor test of it needs. Only for inputs checked before.
     """
     tokens = _check_rollout(rollout)
-    n_rows = logits[..., 0].numel() if logits.dim() >= 2 else -1
+    n_rows = math.prod(logits.shape[:-1]) if logits.dim() >= 2 else -1
     if seq_first and logits.dim() != 3:
         raise ValueError(f"logits: seq_first=True needs [s, b, W], got {tuple(logits.shape)}")
 
@@ -124,7 +129,7 @@ def vocab_parallel_policy_loss(logits: torch.Tensor, rollout: Mapping[str, Any],
     want_entropy = cfg.entropy_coef > 0 or entropy_metric
     stats = vocab_parallel_token_stats(logits, to_rows(ids), shard, group, temperature=temperature,
                                        entropy=want_entropy, chunk_rows=chunk_rows,
-                                       inplace_backward=inplace_backward)
+                                       inplace_backward=inplace_backward, validate=validate)
     lp = to_batch(stats.logprobs)
     pi = {"logprobs": lp[:, 0]}
     if topk_ids is not None:
@@ -133,7 +138,7 @@ def vocab_parallel_policy_loss(logits: torch.Tensor, rollout: Mapping[str, Any],
         pi["entropy"] = to_batch(stats.entropy)
     if rollout.get("anchor_full_logprobs") is not None:
         pi["full_logprobs"] = to_batch(_gather_full_logprobs(logits, stats.lse, shard, group, temperature))
-    inputs = PolicyInputs(**rollout, **pi)
+    inputs = PolicyInputs(**rollout, **pi, check_values=validate)
     if cp_group is not None:   # whole-sequence CPPO scan / counts / GSPO sums across the CP chunks
         inputs = with_cp_fields(cfg, inputs, cp_group, counts.max_response_length)
     return compute_policy_loss(cfg, inputs, counts)
@@ -147,16 +152,12 @@ def _gather_full_logprobs(logits, lse, shard: VocabShard, group, temperature) ->
     all-gather of each shard's [N, W] log-probs (padding columns filled with -inf, then dropped).
     """
     x = logits.reshape(-1, shard.width)
-    z = x.float()
-    if isinstance(temperature, torch.Tensor):
-        z = z / temperature.reshape(-1, 1).float()
-    elif temperature != 1.0:
-        z = z / float(temperature)
+    z = _scale(x, _temp_rows(temperature, x.shape[0], x.device))   # the vocabulary pass's own z, bit for bit
     lp = z - lse.reshape(-1, 1)
     lp[:, shard.valid:] = -float("inf")
     _, tp = _group_info(group)
     if group is not None and tp > 1:
-        out = torch.empty(tp * lp.shape[0], lp.shape[1], dtype=lp.dtype)
+        out = torch.empty(tp * lp.shape[0], lp.shape[1], dtype=lp.dtype, device=lp.device)
         dist.all_gather_into_tensor(out, lp.contiguous(), group=group)
         lp = out.view(tp, *lp.shape).permute(1, 0, 2).reshape(lp.shape[0], -1)
     return lp[:, : shard.vocab_size].reshape(*logits.shape[:-1], shard.vocab_size)

@@ -16,15 +16,18 @@ Conventions (all functions):
 - padding: the columns of global id >= vocab_size are a suffix of the vocabulary, so on every shard the
   real columns are a prefix [0, shard.valid). Only that prefix is ever read: padding gets no probability
   and a zero gradient, and no -inf mask is ever written.
-- chunking: the vocabulary pass walks `chunk_rows` tokens at a time (default: DEFAULT_CHUNK_BYTES of
-  fp32) through fp32 work buffers reused across chunks, so the extra working memory is chunk_rows * W * 4
+- chunking: the vocabulary pass walks `chunk_rows` tokens at a time (default: chunk_bytes(device) of
+  fp32, a per-device budget: see CHUNK_BYTES) through fp32 work buffers reused across chunks, so the extra working memory is chunk_rows * W * 4
   bytes (split over two buffers when the entropy is needed; at least one row per buffer) whatever N is,
   and bf16 logits are never upcast whole (T != 1 upcasts each chunk into a work buffer; at T == 1 on CPU
   the mixed-dtype sub also makes a transient one-buffer upcast per chunk: see _shifted). Beyond that:
   the [N, W] gradient (none with inplace_backward) and O(N * K) per-token vectors.
 - validation: local checks, then ONE tiny all-reduce of every rank's facts ([tp, 7] int64) before any
   other collective, so a bad argument raises the same ValueError on every rank (naming the argument and
-  the rank) and no rank is left waiting in a collective.
+  the rank) and no rank is left waiting in a collective. It reads values (ids' range, T > 0) on the
+  host; `validate=False` skips it (callers that checked already, and fake-tensor tests of the math).
+- devices: every tensor is made on the logits' device (a tensor temperature is moved there); only the
+  validation facts live on the host when the group can reduce CPU tensors (see _control_device).
 """
 
 from __future__ import annotations
@@ -38,8 +41,21 @@ import torch.distributed as dist
 
 Temperature = Union[float, torch.Tensor]
 
-DEFAULT_CHUNK_BYTES = 2**20   # fp32 work memory per call (>= one row per buffer); cache-sized is fastest:
-#                               docs/bench_vocab_parallel.md
+# fp32 work memory per call (>= one row per buffer), by device type; chunk_rows=None uses it.
+# - cpu: cache-sized is fastest (each chunk stays in L2 between its passes): docs/bench_vocab_parallel.md.
+# - cuda (and any other accelerator): every chunk costs ~6-8 kernel launches forward and backward. A kernel
+#   over rows * W fp32 elements runs ~rows * W * 8 B / 4 TB/s on an H200: at 256 MiB (64M elements) that is
+#   ~130 us, far above a ~5-10 us launch, so the loop is bandwidth-bound, not launch-bound (at the 1 MiB CPU
+#   budget a 152k vocabulary gets 1-2 rows per chunk: ~10^5 launches per 16k-token microbatch). The extra
+#   memory is 256 MiB against the 4.6 GiB of a 16k x 152k bf16 logits shard (~5%). Measured by
+#   tools/bench_gpu.py (docs/gpu.md) whenever a GPU is lent.
+CHUNK_BYTES = {"cpu": 2**20, "cuda": 2**28}
+
+
+def chunk_bytes(device: Union[str, torch.device]) -> int:
+    """The default work-buffer budget of the vocabulary pass on `device` (accelerators: the cuda budget)."""
+    kind = torch.device(device).type
+    return CHUNK_BYTES.get(kind, CHUNK_BYTES["cuda"])
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,15 @@ def _group_info(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _control_device(group, like: torch.Tensor) -> torch.device:
+    """Where the validation facts live: the host when the group reduces CPU tensors (gloo, or the
+    `cpu:gloo,cuda:nccl` groups megatron_rl creates on GPU: no device kernel for a [tp, 7] reduce), else
+    the logits' device (a plain NCCL group rejects CPU tensors)."""
+    if group is None or like.device.type == "cpu" or "gloo" in str(dist.get_backend(group)):
+        return torch.device("cpu")
+    return like.device
+
+
 def _agree(group, shard: VocabShard, logits: torch.Tensor, ids: Optional[torch.Tensor],
            temperature: Temperature, topk: int = 0) -> torch.Tensor:
     """Check the arguments on every rank at once; return logits as [N, W]. Raises the same error everywhere."""
@@ -114,8 +139,9 @@ def _agree(group, shard: VocabShard, logits: torch.Tensor, ids: Optional[torch.T
         err |= _BAD_TEMP
     if topk and not 1 <= topk <= shard.vocab_size:
         err |= _BAD_K
-    facts = torch.zeros(tp, _FACTS, dtype=torch.int64)
-    facts[rank] = torch.tensor([err, n, k, shard.start, shard.end, shard.vocab_size, topk])
+    dev = _control_device(group, logits)
+    facts = torch.zeros(tp, _FACTS, dtype=torch.int64, device=dev)
+    facts[rank] = torch.tensor([err, n, k, shard.start, shard.end, shard.vocab_size, topk], device=dev)
     if group is not None:
         dist.all_reduce(facts, group=group)
     _verdict(facts)
@@ -158,13 +184,14 @@ def _verdict(facts: torch.Tensor) -> None:
 # the chunked vocabulary pass
 
 
-def _rows(width: int, chunk_rows: Optional[int], buffers: int) -> int:
+def _rows(width: int, chunk_rows: Optional[int], buffers: int, device: torch.device) -> int:
+    """Rows per chunk: `chunk_rows` split over the work buffers, or the device's byte budget."""
     if chunk_rows is None:
-        chunk_rows = max(1, DEFAULT_CHUNK_BYTES // (4 * max(width, 1)))
+        chunk_rows = max(1, chunk_bytes(device) // (4 * max(width, 1)))
     return max(1, chunk_rows // buffers)
 
 
-def _temp_rows(temperature: Temperature, n: int) -> Optional[torch.Tensor]:
+def _temp_rows(temperature: Temperature, n: int, device: torch.device) -> Optional[torch.Tensor]:
     """None for T == 1 (no division at all), else an fp32 [N, 1] column of T (a float: expanded, no copy).
 
     Always a tensor with a dimension, never a Python float: a float (or 0-dim tensor) divisor leaves a
@@ -173,10 +200,10 @@ def _temp_rows(temperature: Temperature, n: int) -> Optional[torch.Tensor]:
     float divisor becomes a multiplication by its reciprocal).
     """
     if isinstance(temperature, torch.Tensor):
-        return temperature.reshape(n, 1).float()
+        return temperature.reshape(n, 1).to(device=device, dtype=torch.float32)
     if temperature == 1.0:
         return None
-    return torch.full((1, 1), float(temperature), dtype=torch.float32).expand(n, 1)
+    return torch.full((1, 1), float(temperature), dtype=torch.float32, device=device).expand(n, 1)
 
 
 def _scale(v: torch.Tensor, temp, r0: int = 0, r1: Optional[int] = None) -> torch.Tensor:
@@ -217,17 +244,17 @@ def _local_stats(x, w, temp, rows, entropy, topk=0):
     (entropy only), and the local top-k of z (taken on the raw logits: z is monotone in them). A shard
     with no real column (w == 0) reports m_r = -inf.
     """
-    n = x.shape[0]
-    m = torch.full((n,), -math.inf)
-    s = torch.zeros(n)
-    q = torch.zeros(n) if entropy else None
+    n, dev, f32 = x.shape[0], x.device, torch.float32
+    m = torch.full((n,), -math.inf, dtype=f32, device=dev)
+    s = torch.zeros(n, dtype=f32, device=dev)
+    q = torch.zeros(n, dtype=f32, device=dev) if entropy else None
     kk = min(topk, w)
-    tv = torch.full((n, topk), -math.inf) if topk else None
-    ti = torch.zeros((n, topk), dtype=torch.int64) if topk else None
+    tv = torch.full((n, topk), -math.inf, dtype=f32, device=dev) if topk else None
+    ti = torch.zeros((n, topk), dtype=torch.int64, device=dev) if topk else None
     if w == 0 or n == 0:
         return m, s, q, tv, ti
-    buf = torch.empty(min(rows, n), w)
-    ebuf = torch.empty(min(rows, n), w) if entropy else None
+    buf = torch.empty(min(rows, n), w, dtype=f32, device=dev)
+    ebuf = torch.empty(min(rows, n), w, dtype=f32, device=dev) if entropy else None
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         if kk:
@@ -297,7 +324,7 @@ class _LogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ids, shard, group, temp, entropy, chunk_rows, inplace_backward):
         w = shard.valid
-        rows = _rows(x.shape[1], chunk_rows, 2 if entropy else 1)
+        rows = _rows(x.shape[1], chunk_rows, 2 if entropy else 1, x.device)
         m_loc, s_loc, q_loc, _, _ = _local_stats(x, w, temp, rows, entropy)
         col, owned = _local_ids(ids, shard)
         z_ids = torch.where(owned, _scale(x.gather(1, col), temp), 0.0)
@@ -317,7 +344,7 @@ class _LogProbs(torch.autograd.Function):
             g_ent = None
         if g_lp is None and g_ent is None:
             return (None,) * 8
-        n, w, temp, rows = x.shape[0], ctx.shard.valid, ctx.temp, ctx.rows
+        n, w, temp, rows, dev = x.shape[0], ctx.shard.valid, ctx.temp, ctx.rows, x.device
         grad = x if ctx.inplace else torch.empty_like(x)
         grad[:, w:].zero_()                               # padding: never any probability, zero gradient
         if n == 0 or w == 0:
@@ -325,12 +352,12 @@ class _LogProbs(torch.autograd.Function):
         # the per-row factors, with 1/T folded in (dL/dlogits = dL/dz / T); all fp32 [N, 1]: 1/T from the
         # fp32 column, and p is recomputed as in forward (z = float32(x) / T in fp32, by _shifted)
         inv_t = 1.0 if temp is None else 1.0 / temp
-        neg_g = (g_lp.float().sum(dim=1, keepdim=True) if g_lp is not None else torch.zeros(n, 1)) * -inv_t
+        neg_g = (g_lp.float().sum(dim=1, keepdim=True) if g_lp is not None else torch.zeros(n, 1, device=dev)) * -inv_t
         g_h = g_ent.float()[:, None] * inv_t if g_ent is not None else None
         g_own = torch.where(owned, g_lp.float(), 0.0) * inv_t if g_lp is not None else None
         direct = grad.dtype == torch.float32              # compute in the gradient's own rows
-        buf = None if direct else torch.empty(min(rows, n), w)
-        ebuf = torch.empty(min(rows, n), w) if g_h is not None else None
+        buf = None if direct else torch.empty(min(rows, n), w, dtype=torch.float32, device=dev)
+        ebuf = torch.empty(min(rows, n), w, dtype=torch.float32, device=dev) if g_h is not None else None
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
             out = grad[r0:r1, :w] if direct else buf[: r1 - r0]
@@ -372,7 +399,7 @@ def vocab_parallel_token_stats(logits: torch.Tensor, ids: torch.Tensor, shard: V
     """
     x = _agree(group, shard, logits, ids, temperature) if validate else logits.view(-1, shard.width)
     lead = logits.shape[:-1]
-    temp = _temp_rows(temperature, x.shape[0])
+    temp = _temp_rows(temperature, x.shape[0], x.device)
     ids2 = ids.reshape(x.shape[0], -1).long()
     logp, ent, lse = _LogProbs.apply(x, ids2, shard, group, temp, entropy, chunk_rows, inplace_backward)
     return TokenStats(logp.view(*lead, ids2.shape[1]), ent.view(lead) if entropy else None, lse.view(lead))
@@ -409,15 +436,15 @@ def vocab_parallel_entropy(logits: torch.Tensor, shard: VocabShard, group, *, te
 
     Collectives: all-reduce MAX [N], all-reduce SUM [N, 2]; backward local.
     """
-    empty = torch.zeros(*logits.shape[:-1], 0, dtype=torch.int64)
+    empty = torch.zeros(*logits.shape[:-1], 0, dtype=torch.int64, device=logits.device)
     return vocab_parallel_token_stats(logits, empty, shard, group, temperature=temperature, entropy=True,
                                       chunk_rows=chunk_rows, inplace_backward=inplace_backward).entropy
 
 
 @torch.no_grad()
 def vocab_parallel_topk(logits: torch.Tensor, k: int, shard: VocabShard, group, *,
-                        temperature: Temperature = 1.0, chunk_rows: Optional[int] = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        temperature: Temperature = 1.0, chunk_rows: Optional[int] = None,
+                        validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most probable tokens over the whole vocabulary: (log-probs [*, k] descending, global ids [*, k]).
 
     No gradient (used under no_grad: `anchor = old` top-K of pi_old, metrics). Each shard takes its local
@@ -426,18 +453,18 @@ def vocab_parallel_topk(logits: torch.Tensor, k: int, shard: VocabShard, group, 
     on every rank. Collectives: all-reduce MAX [N], all-reduce SUM [N, 1], all-gather [N, 2k] (+ validation).
     Padding ids are never returned. Ties are broken by the smaller id among the candidates.
     """
-    x = _agree(group, shard, logits, None, temperature, topk=k)
-    lead, n, w = logits.shape[:-1], x.shape[0], shard.valid
-    temp = _temp_rows(temperature, n)
-    m_loc, s_loc, _, tv, ti = _local_stats(x, w, temp, _rows(x.shape[1], chunk_rows, 1), False, topk=k)
-    m, log_s, _, _ = _global_lse(group, w, m_loc, s_loc, None, torch.zeros(n, 0))
+    x = _agree(group, shard, logits, None, temperature, topk=k) if validate else logits.view(-1, shard.width)
+    lead, n, w, dev = logits.shape[:-1], x.shape[0], shard.valid, x.device
+    temp = _temp_rows(temperature, n, dev)
+    m_loc, s_loc, _, tv, ti = _local_stats(x, w, temp, _rows(x.shape[1], chunk_rows, 1, dev), False, topk=k)
+    m, log_s, _, _ = _global_lse(group, w, m_loc, s_loc, None, torch.zeros(n, 0, device=dev))
     gid = (ti + shard.start).to(torch.int32)
     if w < k:   # fewer real columns than k here: those slots hold -inf and are never chosen
         gid[:, w:] = torch.iinfo(torch.int32).max
     words = torch.cat([tv.view(torch.int32), gid], dim=1)                # [N, 2k] int32
     _, tp = _group_info(group)
     if group is not None and tp > 1:
-        out = torch.empty(tp * n, 2 * k, dtype=torch.int32)
+        out = torch.empty(tp * n, 2 * k, dtype=torch.int32, device=dev)
         dist.all_gather_into_tensor(out, words, group=group)
         words = out.view(tp, n, 2 * k).permute(1, 0, 2).reshape(n, tp, 2 * k)
     else:

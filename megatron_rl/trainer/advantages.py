@@ -52,12 +52,13 @@ class AdvantageResult:
 
 def _group_stats(rewards: torch.Tensor, inverse: torch.Tensor, num_groups: int):
     r = rewards.double()
-    count = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(r))
-    mean = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, inverse, r) / count
-    sq = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, inverse, (r - mean[inverse]) ** 2)
+    per_group = lambda fill: torch.full((num_groups,), fill, dtype=torch.float64, device=r.device)  # noqa: E731
+    count = per_group(0.0).index_add_(0, inverse, torch.ones_like(r))
+    mean = per_group(0.0).index_add_(0, inverse, r) / count
+    sq = per_group(0.0).index_add_(0, inverse, (r - mean[inverse]) ** 2)
     var = sq / (count - 1).clamp(min=1)
-    rmin = torch.full((num_groups,), float("inf"), dtype=torch.float64).scatter_reduce_(0, inverse, r, "amin")
-    rmax = torch.full((num_groups,), float("-inf"), dtype=torch.float64).scatter_reduce_(0, inverse, r, "amax")
+    rmin = per_group(float("inf")).scatter_reduce_(0, inverse, r, "amin")
+    rmax = per_group(float("-inf")).scatter_reduce_(0, inverse, r, "amax")
     return count, mean, var.sqrt(), rmax - rmin
 
 
@@ -71,8 +72,8 @@ def compute_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, config: A
     if not torch.isfinite(rewards).all():
         raise ValueError("rewards contain NaN or inf; SafeReward maps failed rewards to a finite value")
     if rewards.numel() == 0:
-        empty = torch.zeros(0, dtype=torch.float32)
-        return AdvantageResult(empty, torch.zeros(0, dtype=torch.bool), 0, 0)
+        empty = torch.zeros(0, dtype=torch.float32, device=rewards.device)
+        return AdvantageResult(empty, torch.zeros(0, dtype=torch.bool, device=rewards.device), 0, 0)
     _, inverse = torch.unique(group_ids, return_inverse=True)
     num_groups = int(inverse.max()) + 1
     count, mean, std, spread = _group_stats(rewards, inverse, num_groups)

@@ -151,7 +151,9 @@ class StopRequest:
         self._signalled = True
 
     def requested(self) -> bool:
-        flags = torch.tensor([float(self._signalled), float(dist.get_rank() == 0 and self.path.exists())])
+        # host flags: the default group is cpu:gloo,cuda:nccl on GPU, so a CPU tensor reduces over gloo
+        flags = torch.tensor([float(self._signalled), float(dist.get_rank() == 0 and self.path.exists())],
+                             device="cpu")
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags.any():
             self.reason = "SIGUSR1" if flags[0] else f"file {self.path}"
@@ -374,8 +376,9 @@ def _mismatch(samples: list[dict], pi: list[torch.Tensor], ps) -> dict:
     """|pi_a - mu_a| on sampled response tokens (algorithms.md Sec. 7), reduced over the DP ranks."""
     mask = torch.cat([s["loss_mask"] for s in samples]) != 0
     m = logprob_mismatch(torch.cat(pi), torch.cat([s["rollout_logprobs"] for s in samples]), mask)
-    sums = torch.tensor([m["prob_diff_sum"], float(m["num_tokens"])], dtype=torch.float64)
-    maxes = torch.tensor([m["prob_diff_max"], m["logprob_diff_max"]], dtype=torch.float64)
+    # host scalars (floats already): reduced over the DP group's gloo side
+    sums = torch.tensor([m["prob_diff_sum"], float(m["num_tokens"])], dtype=torch.float64, device="cpu")
+    maxes = torch.tensor([m["prob_diff_max"], m["logprob_diff_max"]], dtype=torch.float64, device="cpu")
     if ps.dp > 1:
         dist.all_reduce(sums, group=ps.dp_group)
         dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=ps.dp_group)

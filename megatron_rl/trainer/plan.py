@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_rl.model_config import ModelConfig
-from megatron_rl.trainer.plan_memory import (BACKENDS, DEFAULT_CHUNK_BYTES, FRAGMENTATION, GIB, MIB, RECOMPUTE,
+from megatron_rl.trainer.plan_memory import (BACKENDS, CHUNK_BYTES, FRAGMENTATION, GIB, MIB, RECOMPUTE,
                                              RESERVE_GIB, Setup, StageMemory, fits, layer_params,
                                              microbatches_per_step, stage_params, total_params)
 
 # re-exported: the planner's public names (tests, docs) stay importable from here
-__all__ = ["BACKENDS", "DEFAULT_CHUNK_BYTES", "GIB", "KNOWN_MODELS", "RECOMPUTE", "Cluster", "Plan", "PlanOptions",
+__all__ = ["BACKENDS", "CHUNK_BYTES", "GIB", "KNOWN_MODELS", "RECOMPUTE", "Cluster", "Plan", "PlanOptions",
            "Setup", "StageMemory", "build_setup", "env_lines", "format_plan", "layer_params", "layout_errors",
            "make_plan", "plan_main", "resolve_model", "stage_params", "suggestions", "total_params"]
 

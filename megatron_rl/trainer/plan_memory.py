@@ -25,9 +25,10 @@ RECOMPUTE = ("none", "selective", "full")
 # cuBLAS/TE workspaces; fragmentation: the caching allocator's slack on the dynamic (activation) memory.
 RESERVE_GIB = {"gpu": 3.0, "cpu": 0.0}
 FRAGMENTATION = {"gpu": 0.10, "cpu": 0.0}
-# megatron_rl.parallel.vocab_parallel.DEFAULT_CHUNK_BYTES (the loss's fp32 work buffers), copied rather than
-# imported so that planning needs nothing beyond the config; tests/trainer/test_plan.py checks they agree.
-DEFAULT_CHUNK_BYTES = 2 ** 20
+# megatron_rl.parallel.vocab_parallel.CHUNK_BYTES (the loss's fp32 work-buffer budget per device: cuda for
+# gpu), copied rather than imported so that planning needs nothing beyond the config;
+# tests/trainer/test_plan.py checks they agree.
+CHUNK_BYTES = {"gpu": 2 ** 28, "cpu": 2 ** 20}
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,7 @@ def stage_memory(s: Setup, stage: int) -> StageMemory:
     if last:   # vocab_parallel._LogProbs: fp32 logits [s, V/tp] saved for backward, an fp32 gradient of the
         width = m.padded_vocab_size(t) // t        # same shape, and chunked work buffers (entropy: two)
         n = tokens * width
-        chunk = min(tokens, max(1, DEFAULT_CHUNK_BYTES // (4 * width) // (2 if s.entropy else 1)))
+        chunk = min(tokens, max(1, CHUNK_BYTES[s.backend] // (4 * width) // (2 if s.entropy else 1)))
         work = chunk * width * 4
         loss = max(8 * n + (work if s.entropy else 0),          # backward: logits + gradient (+ entropy buffer)
                    4 * n + (2 * n if bf16 else 0),               # forward: the bf16 output and its fp32 copy

@@ -193,7 +193,7 @@ def test_loss_work_buffer_size_is_the_losses_own():
     from megatron_rl.parallel import vocab_parallel
     from megatron_rl.trainer import plan
 
-    assert plan.DEFAULT_CHUNK_BYTES == vocab_parallel.DEFAULT_CHUNK_BYTES
+    assert plan.CHUNK_BYTES == {"gpu": vocab_parallel.chunk_bytes("cuda"), "cpu": vocab_parallel.chunk_bytes("cpu")}
 
 
 def test_engine_kv_cache_must_hold_one_sequence():
