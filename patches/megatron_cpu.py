@@ -1,4 +1,4 @@
-"""Run megatron-core on CPU with gloo: runtime patches, applied only when CUDA is absent.
+"""Run megatron-core on CPU with gloo: runtime patches, applied only when CUDA is absent (except P8).
 
 Upstream versions: written against megatron-core 0.16.1 and 0.19.2 (both tested by tests/megatron);
 other versions get a warning. Drop this module once megatron-core runs its training path on a CPU
@@ -31,7 +31,9 @@ imported later, through an import hook). The proxy forwards everything to torch 
      torch Adam, which keeps `step` in each parameter's state. Loading the `fully_reshardable`
      optimizer format copies every state key from the checkpoint, but the checkpoint delivers `step`
      through the param groups instead (restored by load_state_dict just before): KeyError 'step'.
-     The loader is given the already-restored `step` back, so it copies it onto itself.
+     The loader is given the already-restored `step` back, so it copies it onto itself. This one is not
+     about the CPU: a GPU without transformer-engine and apex falls back to torch Adam too, so P8 is
+     installed on GPU as well whenever megatron's optimizer module resolved `Adam` to torch's.
   P9 `tensor.cuda()` in `LanguageModule.setup_embeddings_and_output_layer` (0.16.1 and 0.19.2: `weight.data
      = weight.data.cuda()` right before the all-reduce over the embedding group). With tied embeddings
      at PP > 1 every GPTModel construction (training, the reference model, conversion) reaches it and
@@ -290,10 +292,18 @@ def _patch_adam_step() -> None:
         DistributedOptimizer._set_main_param_and_optimizer_states = _keep_adam_step(fn)
 
 
+def _patch_adam_step_if_torch_adam() -> None:
+    import megatron.core.optimizer as optimizer
+
+    if getattr(optimizer, "Adam", None) is not None and optimizer.Adam.__module__.startswith("torch."):
+        _patch_adam_step()
+
+
 def apply() -> bool:
     """Install the patches when CUDA is absent; idempotent. Returns whether they are active."""
     global _applied
     if torch.cuda.is_available():
+        _patch_adam_step_if_torch_adam()   # P8 is about torch Adam, not the CPU
         return False
     if _applied:
         return True

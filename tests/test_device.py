@@ -5,14 +5,17 @@
    every registered mode and the extra configurations of tests/parallel/test_loss.py (top-K, CPPO fixed /
    p90 / horizons, exact, entropy, KL, per-token and float temperature, bf16, seq_first), packed and padded
    batches, every vocab-parallel function (validation included), packing and the CP split, the CP segment
-   fields, the Megatron loss adapter (policy_loss_fn and the Actor's _megatron_loss), the trainer's
-   per-token work (advantages, rollout_to_samples). On the code before this test existed it flagged
+   fields, the Megatron loss adapter (policy_loss_fn, the Actor's input path with its attention mask and
+   its _megatron_loss), the trainer's per-token work (advantages, rollout_to_samples). On the code before this test existed it flagged
    parallel/vocab_parallel.py (the work buffers and per-token stats of the vocabulary pass, the backward's
    buffers, the validation facts, the top-K gather buffer), parallel/context_parallel.py and packing.
-2. Fake CUDA (`FakeTensorMode`): the same math on `device="cuda"` tensors of a CPU-only torch, forward
-   only (autograd on fake CUDA tensors aborts a CPU-only torch) with validation off (value reads such as
-   .item() cannot run on fake tensors: validation is separable from the math for this reason). A CPU
-   tensor meeting a CUDA one raises FakeTensorDeviceMismatchError; every output must be on CUDA.
+2. An accelerator stand-in, the meta device: the whole loss (every config), the vocab-parallel functions
+   and the adapter forward AND backward on meta tensors, with validation off (values cannot be read there:
+   validation is separable from the math for this reason). A CPU tensor meeting a meta one raises, as it
+   would on CUDA; every output and gradient must be on the device. Section 2 says why meta and not fake CUDA.
+3. Fake CUDA (`FakeTensorMode`): what does run on fake `device="cuda"` tensors of a CPU-only torch
+   (structural validation, the binary / exact divergences, the device policies).
+4. The chunk policy per device, results independent of the chunk size, and CPPO's sync-free form.
 """
 
 from __future__ import annotations
@@ -191,12 +194,37 @@ def _adapter_case(device: str, mode: str = "cppo"):
     return fn, mb, counts, logits
 
 
+def _actor(loss_fn, device="cpu"):
+    """A real Actor around a one-layer stand-in chunk (its adapter and input path need no model)."""
+    from megatron_rl.megatron.step import Actor, StepConfig
+
+    chunk = torch.nn.Linear(2, 2, device=device)
+    return Actor(_tiny_model_cfg(), _single_rank_state(), [chunk], None, StepConfig(microbatch_tokens=48),
+                 loss_fn, use_te=False)
+
+
 def test_the_megatron_loss_adapter_names_its_devices():
+    from megatron_rl.rollout.types import Rollout, Sample
+    from megatron_rl.trainer.learner import rollout_to_samples
+
     cases = [_adapter_case("cpu", m) for m in ("cppo", "dppo_binary_kl", "dppo_topk_tv")]
+    gen = torch.Generator().manual_seed(6)
+    rollout = Rollout([Sample(torch.randint(0, 50, (4,), generator=gen), torch.randint(0, 50, (6,), generator=gen),
+                              -torch.rand(6, generator=gen), "stop", 0, 0, i,
+                              topk_ids=torch.randint(0, 50, (6, 3), generator=gen),
+                              topk_logprobs=-torch.rand(6, 3, generator=gen)) for i in range(2)], topk=3)
     with ImplicitDeviceGuard() as g:
         for fn, mb, counts, logits in cases:
-            loss, metrics = fn(logits * 1.0, mb, counts)
+            loss, metrics = fn(logits * 1.0, mb, counts)          # policy_loss_fn alone
             loss.backward()
+            actor = _actor(fn)                                     # the Actor's input path and adapter
+            actor._counts, actor._num_microbatches = counts, 2
+            moved, kwargs = actor._model_inputs(mb)
+            assert moved.attention_mask is not None and kwargs == {}
+            scaled, report = actor._megatron_loss(moved, (logits * 1.0)[None])
+            scaled.backward()
+        samples = rollout_to_samples(rollout, torch.tensor([0.5, -0.5]), topk=3)
+        actor.microbatches(samples)
     assert g.backward_calls > 0 and not g.sites, g.report()
 
 
@@ -256,6 +284,15 @@ def test_the_megatron_loss_adapter_runs_on_an_accelerator_stand_in():
         loss.backward()
         assert loss.device == META and logits.grad.device == META
         assert all(v.device == META for v in metrics.values() if isinstance(v, torch.Tensor)), metrics
+        # the Actor: a host microbatch moves to the model's device with its mask built there
+        host_mb = _adapter_case("cpu", mode)[1]
+        actor = _actor(fn, device=META)
+        actor._counts, actor._num_microbatches = counts, 2
+        moved, _ = actor._model_inputs(host_mb)
+        assert {moved.tokens.device, moved.attention_mask.device, moved.fields["loss_mask"].device} == {META}
+        scaled, report = actor._megatron_loss(moved, logits.detach().clone().requires_grad_(True)[None])
+        scaled.backward()
+        assert scaled.device == META
 
 
 # ---- 3. fake CUDA (FakeTensorMode): what runs there on a CPU-only torch --------------------------------
@@ -348,3 +385,15 @@ def test_cppo_general_form_equals_the_cpu_shortcuts(monkeypatch):
             torch.testing.assert_close(a.threshold, b.threshold, rtol=1e-12, atol=1e-15)
             torch.testing.assert_close(a.z_sum, b.z_sum, rtol=1e-12, atol=1e-15)
             torch.testing.assert_close(a.delta_b, b.delta_b, rtol=0, atol=0)
+
+
+def test_validation_facts_live_where_the_group_can_reduce_them(monkeypatch):
+    """The [tp, 7] validation facts: on the host for a group with a CPU backend (gloo, or the
+    cpu:gloo,cuda:nccl groups megatron_rl creates on GPU), on the logits' device for a device-only group
+    (a plain NCCL group rejects CPU tensors). A real gloo group is used in tests/parallel."""
+    x = torch.empty(2, 4, device=META)
+    for backend, want in (("gloo", "cpu"), ("cpu:gloo,cuda:nccl", "cpu"), ("nccl", "meta")):
+        monkeypatch.setattr(vp.dist, "get_backend", lambda group, b=backend: torch.distributed.Backend(b))
+        assert vp._control_device(object(), x).type == want, backend
+        assert vp._control_device(object(), torch.empty(2, 4, device="cpu")).type == "cpu", backend
+    assert vp._control_device(None, x).type == "cpu"

@@ -34,7 +34,7 @@ class LossConfig:
 
     mode: str = "dppo_binary_tv"        # one of MODES; the project's headline method (DPPO Sec. 4.4)
     anchor: str = "rollout"             # algorithms.md Sec. 1: mu by default (DPPO Sec. 5.2); `old` = pi_old
-    loss_form: str = "reinforce"        # Sec. 2: DPPO Eq. 23 (authors' code); `surrogate` = -A r M
+    loss_form: str = "reinforce"        # algorithms.md Sec. 2.1: DPPO Eq. 23 (authors' code); `surrogate` = -A r M
     loss_agg_mode: str = "seq-mean-token-sum-norm"  # Sec. 5: what both papers' scripts use (Dr. GRPO)
     tis_cap: Optional[float] = None     # C, Sec. 2: None = infinity (NOT verl's 3.0)
 
@@ -52,7 +52,7 @@ class LossConfig:
     delta_high: Optional[float] = None
     topk: int = 20                      # K of the top-K divergences (Sec. 3; vLLM max_logprobs default)
 
-    # CPPO (Sec. 4, CPPO Eq. 8-9, 22)
+    # CPPO (algorithms.md Sec. 4; CPPO Eq. 8-9, 22)
     w_min: float = 0.8
     horizon: str = "max"                # `max` reproduces the paper's runs (verl PR 6731)
     delta_b_mode: str = "fixed"

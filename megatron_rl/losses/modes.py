@@ -96,7 +96,7 @@ def dual_clip(cfg: LossConfig, b: Batch) -> ModeResult:
 # ---- DPPO: a divergence threshold ------------------------------------------------------------------------
 
 def _dppo(cfg: LossConfig, b: Batch) -> ModeResult:
-    """DPPO (Sec. 2 table, DPPO Eq. 12 + Sec. 4.4): I_t = D_t <= delta (delta_high if A > 0, delta_low if
+    """DPPO (docs/algorithms.md Sec. 2 table; DPPO Eq. 12, DPPO Sec. 4.4): I_t = D_t <= delta (delta_high if A > 0, delta_low if
     A < 0). Compared in fp64, as CPPO does, so that CPPO's DPPO limit is exact to the last bit."""
     log_ratio = b.lp - b.anchor
     div = divergence_of(cfg, b)
@@ -113,7 +113,7 @@ for _name in ("dppo_binary_tv", "dppo_binary_kl", "dppo_topk_tv", "dppo_topk_kl"
 
 @register("cppo")
 def cppo(cfg: LossConfig, b: Batch) -> ModeResult:
-    """CPPO (Sec. 4, CPPO Eq. 8-10): I_t = w_t D_t <= c_t from the segmented scan in cppo.py."""
+    """CPPO (docs/algorithms.md Sec. 4; CPPO Eq. 8-10): I_t = w_t D_t <= c_t from the segmented scan in cppo.py."""
     if cfg.horizon == "max" and b.counts.max_response_length is None:
         raise ValueError("GlobalCounts.max_response_length: required by cppo with horizon 'max'")
     log_ratio = b.lp - b.anchor

@@ -3,27 +3,39 @@
 API (for the conversion engineer and the trainer):
 
     from megatron_rl.megatron.parallel import initialize_parallel
-    from megatron_rl.megatron.model import build_model, transformer_config
+    from megatron_rl.megatron.model import build_model, resolve_use_te, transformer_config
 
     ps = initialize_parallel(tp=2, pp=1, cp=1, seed=1234, model_cfg=cfg)  # after init_process_group
     model = build_model(cfg, ps)                      # bare GPTModel for this rank's stage, fp32
     model = build_model(cfg, ps, params_dtype="bfloat16")   # bf16 parameters (wrap with Float16Module
                                                       # through megatron_rl.megatron.training instead)
     model = build_model(cfg, ps, recompute="full", sequence_parallel=True)   # activation memory options
+    use_te = resolve_use_te(None)                     # the layer spec, decided once per process...
+    model = build_model(cfg, ps, use_te=use_te)       # ...and given to the model and to step.Actor alike
     state = model.state_dict()                        # megatron names: embedding.word_embeddings.weight,
                                                       # decoder.layers.{i}.self_attention.linear_qkv.weight
                                                       # (local layer indices per stage), output_layer.weight...
     layer_offset(cfg, ps)                             # global index of this stage's first layer
 
 Vocabulary: the embedding / output layer have `cfg.padded_vocab_size(ps.tp)` rows (Megatron pads; the
-loss ignores ids >= cfg.vocab_size). Local layer spec on CPU (use_te=None picks it by CUDA), the
-transformer-engine spec on GPU. RoPE: theta, and HF rope_scaling of type `linear` or `llama3` with
-all of its parameters (Megatron's own llama3 switch hard-codes three of them), by overwriting the
-rotary embedding's inverse frequencies after construction.
+loss ignores ids >= cfg.vocab_size).
+
+Layer spec (`resolve_use_te`): the transformer-engine spec when CUDA is available AND transformer_engine
+is installed, megatron-core's local spec otherwise (CPU, or a bare PyTorch GPU image); use_te=True / False
+forces one (True refuses a machine without CUDA or TE). Both specs train the same model: the TE spec takes
+packed rows as THD (cu_seqlens), the local spec as a block-diagonal causal mask (step.Actor picks the
+path from the spec it is given, never from CUDA). Only sequence parallelism and context-parallel
+attention need the TE spec (`check_layer_spec`). The local spec runs on GPU too: parameters are created
+on the CPU only when CUDA is absent, and the model moves to the current CUDA device otherwise.
+
+RoPE: theta, and HF rope_scaling of type `linear` or `llama3` with all of its parameters (Megatron's own
+llama3 switch hard-codes three of them), by overwriting the rotary embedding's inverse frequencies after
+construction.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Optional
 
@@ -65,17 +77,55 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq.to(torch.float32)
 
 
+def transformer_engine_installed() -> bool:
+    """Whether transformer_engine can be imported, looked up without importing it (its import loads
+    CUDA libraries and is slow; a CPU process must never pay for it)."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_use_te(use_te: Optional[bool] = None) -> bool:
+    """The layer spec to build: True = transformer-engine, False = megatron-core's local spec.
+
+    None picks TE exactly when CUDA is available and transformer_engine is installed, so a bare
+    PyTorch GPU image gets the local spec (block-diagonal masks for packed rows) rather than a model
+    it cannot build. True is refused where TE cannot run, naming what to change."""
+    if use_te is None:
+        return torch.cuda.is_available() and transformer_engine_installed()
+    if not use_te:
+        return False
+    if not torch.cuda.is_available():
+        raise ValueError("use_te=True: the transformer-engine layer spec needs CUDA and none is available; "
+                         "pass use_te=False (or None) for megatron-core's local spec")
+    if not transformer_engine_installed():
+        raise ValueError("use_te=True: transformer_engine is not installed (importlib finds no "
+                         "`transformer_engine`); install it (pip install -e '.[gpu]') or pass use_te=False "
+                         "(or None) for megatron-core's local spec")
+    return True
+
+
+def check_layer_spec(use_te: bool, *, sequence_parallel: bool = False, cp: int = 1) -> None:
+    """Refuse the features only the transformer-engine spec has (start-up, before any model exists)."""
+    if sequence_parallel and not use_te:
+        # the local spec's torch norm asserts on sequence-parallel input (docs: platform.md)
+        raise ValueError("sequence_parallel needs the transformer-engine layer spec on GPU (CUDA and "
+                         "transformer_engine installed); the local spec cannot run it: set "
+                         "parallel.sequence_parallel: false")
+    if cp > 1 and not use_te:
+        # the local spec's core attention sees only this rank's chunk of the row: no ring exchange
+        raise ValueError(f"context-parallel attention (parallel.context = {cp}) needs the transformer-engine "
+                         f"layer spec on GPU (CUDA and transformer_engine installed); the local spec has no "
+                         f"context-parallel attention: set parallel.context: 1")
+
+
 def check_memory_options(ps: ParallelState, use_te: bool, recompute: str, sequence_parallel: bool) -> None:
-    """Refuse activation-memory settings this layout or layer spec cannot run (before any model exists)."""
+    """Refuse activation-memory and parallelism settings this layout or layer spec cannot run (before any
+    model exists)."""
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute={recompute!r} is not one of {RECOMPUTE} (config: train.recompute)")
     if sequence_parallel and ps.tp < 2:
         raise ValueError(f"sequence_parallel needs tensor_model_parallel_size > 1, got {ps.tp} "
                          f"(config: parallel.sequence_parallel, parallel.tensor)")
-    if sequence_parallel and not use_te:
-        # the local spec's torch norm asserts on sequence-parallel input (docs: platform.md)
-        raise ValueError("sequence_parallel needs the transformer-engine layer spec on GPU; the local spec "
-                         "(CPU) cannot run it: set parallel.sequence_parallel: false")
+    check_layer_spec(use_te, sequence_parallel=sequence_parallel, cp=ps.cp)
 
 
 def transformer_config(cfg: ModelConfig, ps: ParallelState, *, params_dtype: Optional[str] = None,
@@ -91,7 +141,7 @@ def transformer_config(cfg: ModelConfig, ps: ParallelState, *, params_dtype: Opt
 
     cfg.check_parallel(tp=ps.tp, pp=ps.pp)
     on_gpu = torch.cuda.is_available()
-    use_te = on_gpu if use_te is None else use_te
+    use_te = resolve_use_te(use_te)
     check_memory_options(ps, use_te, recompute, sequence_parallel)
     granularity = None if recompute == "none" else recompute
     dtype = _DTYPES[params_dtype or ("bfloat16" if bf16 else "float32")]
@@ -127,6 +177,9 @@ def build_model(cfg: ModelConfig, ps: ParallelState, *, params_dtype: Optional[s
                 recompute: str = "none", sequence_parallel: bool = False):
     """This rank's pipeline stage of a GPTModel for `cfg`. Deterministic given `ps.seed`.
 
+    use_te: the layer spec (see resolve_use_te); whoever runs the model must take packed rows the way
+    this spec does (step.Actor(use_te=...)), so callers resolve it once and pass the bool to both.
+
     On CPU the init runs on the CPU generator seeded here, so every layout builds the same full
     weights (megatron's CPU init draws the master weight then slices this rank's part).
     """
@@ -136,7 +189,7 @@ def build_model(cfg: ModelConfig, ps: ParallelState, *, params_dtype: Optional[s
         get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
 
     on_gpu = torch.cuda.is_available()
-    use_te = on_gpu if use_te is None else use_te
+    use_te = resolve_use_te(use_te)
     config = transformer_config(cfg, ps, params_dtype=params_dtype, bf16=bf16, use_te=use_te,
                                 init_method_std=init_method_std, recompute=recompute,
                                 sequence_parallel=sequence_parallel)
@@ -154,6 +207,6 @@ def build_model(cfg: ModelConfig, ps: ParallelState, *, params_dtype: Optional[s
         position_embedding_type="rope", rotary_percent=1.0, rotary_base=cfg.rope_theta,
         pg_collection=ps.pg_collection)
     model.rotary_pos_emb.inv_freq = rope_inv_freq(cfg).to(model.rotary_pos_emb.inv_freq.device)
-    if on_gpu:
+    if on_gpu:   # either spec: the local one runs on CUDA too (a GPU without transformer-engine)
         model.cuda(torch.cuda.current_device())
     return model

@@ -111,15 +111,18 @@ def plan_microbatches(lengths: Sequence[int], microbatch_tokens: int, num_microb
     return [sorted(b) for b in bins]
 
 
-def causal_block_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+def causal_block_mask(cu_seqlens: torch.Tensor, total: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """[1, 1, S, S] bool, True = masked: causal inside each segment; the padding tail is one more segment.
-    Built on cu_seqlens' device."""
-    dev = cu_seqlens.device
-    seg = torch.full((total,), -1, dtype=torch.int64, device=dev)
+
+    Built on `device` (default: cu_seqlens'). The segment ids [S] are made on the host from the boundaries
+    (host cu_seqlens: no device sync) and only the [S, S] comparison runs on `device`, so a GPU builds the
+    S^2 mask itself instead of receiving it over PCIe."""
+    dev = cu_seqlens.device if device is None else torch.device(device)
     bounds = cu_seqlens.tolist()
-    for k in range(len(bounds) - 1):
-        seg[bounds[k]:bounds[k + 1]] = k
-    seg[bounds[-1]:] = len(bounds)   # padding attends within itself, so no row is fully masked
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])] + [total - bounds[-1]]
+    # padding attends within itself (segment len(bounds) - 1), so no row is fully masked
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device="cpu"), torch.tensor(lengths, device="cpu"))
+    seg = seg.to(dev)
     pos = torch.arange(total, device=dev)
     allowed = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])
     return (~allowed)[None, None]

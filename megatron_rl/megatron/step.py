@@ -1,7 +1,13 @@
 """One training step under megatron-core's schedules: forward_step and THE loss adapter.
 
-    actor = Actor(model_cfg, ps, chunks, optimizer, StepConfig(...), loss_fn)
+    actor = Actor(model_cfg, ps, chunks, optimizer, StepConfig(...), loss_fn, use_te=use_te)
     metrics = actor.train_on_rollout(local_samples)    # num_minibatches optimizer steps
+
+`use_te` is the layer spec the chunks were built with (model.resolve_use_te, decided once by the caller
+and given to build_training as well; None resolves it the same way build_model does). It alone picks how
+packed rows reach attention: THD `packed_seq_params` for the transformer-engine spec, a block-diagonal
+causal mask for the local spec, on CPU and on GPU alike. Microbatches move to the device of the model's
+parameters.
 
 Data: `local_samples` are this DP rank's sequences (dicts of per-token tensors, see packing.py), in
 minibatch order: `shard_for_dp` cuts a global rollout batch so that every layout takes the same
@@ -19,6 +25,7 @@ DDP: gradients summed over the dp x cp group and scaled by 1 / (dp * cp)). Net f
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -27,9 +34,10 @@ import torch.distributed as dist
 
 from megatron_rl.model_config import ModelConfig
 
-from .packing import Microbatch, check_budget, pack_batch, split_for_cp
+from .model import check_layer_spec, resolve_use_te
+from .packing import Microbatch, causal_block_mask, check_budget, pack_batch, split_for_cp
 from .parallel import ParallelState
-from .training import zero_grads
+from .training import unwrap, zero_grads
 
 # loss_fn(logits [S, V/tp] of this rank's vocabulary shard, microbatch, counts) ->
 #   (this microbatch's contribution to the global loss (0-d, with grad), metrics {name: float tensor})
@@ -95,19 +103,24 @@ def local_counts(samples: Sequence[dict]) -> torch.Tensor:
         k = int((m[1:] != 0).sum()) if m is not None else int(s["tokens"].shape[0]) - 1
         tokens += k
         seqs += int(k > 0)
-    return torch.tensor([tokens, seqs], dtype=torch.int64)
+    # host counters: reduced over the DP group's gloo side (cpu:gloo,cuda:nccl on GPU)
+    return torch.tensor([tokens, seqs], dtype=torch.int64, device="cpu")
 
 
 class Actor:
     """Runs forward/backward over packed microbatches and optimizer steps on one rank."""
 
     def __init__(self, model_cfg: ModelConfig, ps: ParallelState, chunks: list, optimizer,
-                 cfg: StepConfig, loss_fn: LossFn):
+                 cfg: StepConfig, loss_fn: LossFn, *, use_te: Optional[bool] = None):
         self.model_cfg, self.ps, self.chunks, self.optimizer = model_cfg, ps, chunks, optimizer
         self.cfg, self.loss_fn = cfg, loss_fn
         self.iteration = 0          # optimizer steps taken (checkpointed)
         self.consumed_samples = 0   # global sequences trained on (checkpointed)
-        self._cpu = not torch.cuda.is_available()
+        # an explicit spec is the one the chunks were built with (build_model already refused a machine that
+        # cannot run it); None resolves it the way build_model's default does
+        self.use_te = resolve_use_te(None) if use_te is None else bool(use_te)
+        check_layer_spec(self.use_te, cp=ps.cp)   # CP attention is TE's; the CP loss side works anywhere
+        self.device = _model_device(chunks)
         self._pad_multiple = 2 * ps.cp if ps.cp > 1 else 1
 
     # ---- data ------------------------------------------------------------------------------------
@@ -116,11 +129,25 @@ class Actor:
                      self._pad_multiple)
 
     def microbatches(self, samples: Sequence[dict]) -> list[Microbatch]:
+        # host rows without a mask: the local spec's [S, S] mask is built per forward on the model's
+        # device (_model_inputs); the TE spec takes cu_seqlens (THD) instead and needs none
         mbs = pack_batch(samples, self.cfg.microbatch_tokens, self.cfg.num_microbatches,
-                         cpu_attention_mask=self._cpu and self.ps.cp == 1, pad_multiple=self._pad_multiple)
-        if self.ps.cp > 1:   # CP attention is transformer-engine's (GPU); the loss side works anywhere
+                         cpu_attention_mask=False, pad_multiple=self._pad_multiple)
+        if self.ps.cp > 1:   # (TE spec only: checked at construction)
             mbs = [split_for_cp(mb, self.ps.cp, self.ps.cp_rank) for mb in mbs]
         return mbs
+
+    def _model_inputs(self, mb: Microbatch) -> tuple[Microbatch, dict]:
+        """The microbatch on the model's device with this spec's attention inputs: the local spec's
+        block-diagonal causal mask (built there from the host boundaries), or the TE spec's THD params."""
+        # both read the boundaries from the host copy: no device sync
+        mask = None if self.use_te else causal_block_mask(mb.cu_seqlens, mb.num_tokens, self.device)
+        kwargs = {"packed_seq_params": _packed_seq_params(mb, self.device)} if self.use_te else {}
+        if self.device.type != "cpu":
+            mb = mb.to(self.device)
+        if mask is not None:
+            mb = dataclasses.replace(mb, attention_mask=mask)
+        return mb, kwargs
 
     def _global_counts(self, samples: Sequence[dict]) -> StepCounts:
         c = local_counts(samples)
@@ -130,11 +157,7 @@ class Actor:
 
     # ---- megatron plumbing -----------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
-        mb: Microbatch = next(data_iterator)
-        kwargs = {}
-        if not self._cpu:
-            mb = mb.to(torch.cuda.current_device())
-            kwargs["packed_seq_params"] = _packed_seq_params(mb)
+        mb, kwargs = self._model_inputs(next(data_iterator))
         out = model(mb.tokens, mb.position_ids, mb.attention_mask, **kwargs)
         return out, lambda output: self._megatron_loss(mb, output)
 
@@ -206,10 +229,7 @@ class Actor:
             return torch.zeros((), device=logits.device), {}
 
         def fwd(data_iterator, model):
-            mb = next(data_iterator)
-            if not self._cpu:
-                mb = mb.to(torch.cuda.current_device())
-            kwargs = {} if self._cpu else {"packed_seq_params": _packed_seq_params(mb)}
+            mb, kwargs = self._model_inputs(next(data_iterator))
             return model(mb.tokens, mb.position_ids, mb.attention_mask, **kwargs), lambda o: loss(mb, o)
 
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -220,17 +240,19 @@ class Actor:
         if not self.ps.is_last_stage:
             return None
         result: list = [None] * len(samples)
+        home = samples[0]["tokens"].device if samples else torch.device("cpu")
         for mb, lp in outs:
             bounds = mb.cu_seqlens.tolist()
+            lp = lp.float().to(home)   # one copy per row: results live with the samples (the host)
             for j, i in enumerate(mb.seq_ids.tolist()):
                 L = int(samples[i]["tokens"].shape[0])
                 seg = lp[bounds[j]:bounds[j] + L - 1]
-                result[i] = torch.cat([seg.new_zeros(1), seg.float()])   # realign with tokens
+                result[i] = torch.cat([seg.new_zeros(1), seg])   # realign with tokens
         return result
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _counts_sequences_total(self, samples) -> int:
-        n = torch.tensor([len(samples)], dtype=torch.int64)
+        n = torch.tensor([len(samples)], dtype=torch.int64, device="cpu")   # host counter (gloo side)
         if self.ps.dp > 1:
             dist.all_reduce(n, group=self.ps.dp_group)
         return int(n)
@@ -239,11 +261,13 @@ class Actor:
         """Global loss and metrics on the last stage, then broadcast along the pipeline. Following
         megatron_rl.losses' rule, every value is this microbatch's share of the global value (SUM over
         microbatches and DP x CP ranks), except keys ending in `_max` (MAX)."""
+        # host vectors throughout: a few scalars per step, reduced over the groups' gloo side
         keys = ["loss"] + sorted(k for k in reports[0] if k != "loss") if reports else ["loss"]
-        is_max = torch.tensor([k.endswith("_max") for k in keys], dtype=torch.bool)
-        vec = torch.zeros(len(keys), dtype=torch.float64)
+        is_max = torch.tensor([k.endswith("_max") for k in keys], dtype=torch.bool, device="cpu")
+        vec = torch.zeros(len(keys), dtype=torch.float64, device="cpu")
         if self.ps.is_last_stage and reports:
-            vals = torch.tensor([[float(r[k]) for k in keys] for r in reports], dtype=torch.float64)
+            vals = torch.tensor([[float(r[k]) for k in keys] for r in reports], dtype=torch.float64,
+                                device="cpu")
             vec = torch.where(is_max, vals.max(0).values, vals.sum(0))
             if self.ps.dp * self.ps.cp > 1:
                 hi = torch.where(is_max, vec, torch.full_like(vec, -float("inf")))
@@ -251,11 +275,11 @@ class Actor:
                 dist.all_reduce(vec, group=self.ps.dp_cp_group)
                 vec = torch.where(is_max, hi, vec)
         if self.ps.pp > 1:
-            n = torch.tensor([len(keys)], dtype=torch.int64)
+            n = torch.tensor([len(keys)], dtype=torch.int64, device="cpu")
             last = dist.get_global_rank(self.ps.pp_group, self.ps.pp - 1)
             dist.broadcast(n, src=last, group=self.ps.pp_group)
             if int(n) != vec.numel():
-                vec = torch.zeros(int(n), dtype=torch.float64)
+                vec = torch.zeros(int(n), dtype=torch.float64, device="cpu")
             dist.broadcast(vec, src=last, group=self.ps.pp_group)
         out = {"loss": float(vec[0]) if vec.numel() else 0.0,   # keys[0] is "loss" on every rank
                "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -266,15 +290,29 @@ class Actor:
         return out
 
 
-def _packed_seq_params(mb: Microbatch):
-    """THD attention on GPU (transformer-engine): segments from cu_seqlens, the padding tail its own."""
+def _model_device(chunks: list) -> torch.device:
+    """Where the chunks' parameters live (the model decides, not the machine: a CPU model on a CUDA
+    machine stays on the CPU). A chunk without parameters (an empty pipeline stage) says nothing, so
+    the current CUDA device is assumed when there is one."""
+    for chunk in chunks:
+        p = next(unwrap(chunk).parameters(), None)
+        if p is not None:
+            return p.device
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _packed_seq_params(mb: Microbatch, device: Optional[torch.device] = None):
+    """THD attention (the transformer-engine spec): segments from cu_seqlens, the padding tail its own;
+    the boundaries on `device` (default: the microbatch's)."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     cu = mb.cu_seqlens.tolist()
     if mb.cp_index is None and cu[-1] < mb.num_tokens:   # (under CP, cu_seqlens already cover the row)
         cu = cu + [mb.num_tokens]
-    cu_t = torch.tensor(cu, dtype=torch.int32, device=mb.tokens.device)
-    max_len = int((cu_t[1:] - cu_t[:-1]).max())
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=mb.tokens.device if device is None else device)
+    max_len = max(b - a for a, b in zip(cu[:-1], cu[1:]))
     # segments are already padded (to 2 * cp under CP), so padded and unpadded boundaries coincide
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t,
                            cu_seqlens_q_padded=cu_t, cu_seqlens_kv_padded=cu_t,

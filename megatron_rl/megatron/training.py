@@ -2,6 +2,8 @@
 
     chunks, optimizer = build_training(model_cfg, ps, OptimConfig(lr=1e-5, bf16=True))
     chunks, optimizer = build_training(model_cfg, ps, optim, recompute="selective")   # less activation memory
+    chunks, optimizer = build_training(model_cfg, ps, optim, use_te=use_te)   # layer spec: give
+                                                      # step.Actor the same use_te (model.resolve_use_te)
 
 `chunks` is the list of model chunks megatron's schedules take (one chunk: no virtual pipeline).
 Hooks megatron's schedule needs are set on the TransformerConfig here, once: no_sync (gradient
@@ -89,12 +91,15 @@ def build_optimizer(chunks: list, ps: ParallelState, cfg: OptimConfig):
 
 def build_training(model_cfg: ModelConfig, ps: ParallelState, cfg: OptimConfig,
                    init: Optional[Callable[[torch.nn.Module], None]] = None, *, recompute: str = "none",
-                   sequence_parallel: bool = False):
+                   sequence_parallel: bool = False, use_te: Optional[bool] = None):
     """(model chunks [DDP], optimizer) for this rank. `init(model)` runs on the bare model first.
-    `recompute` / `sequence_parallel`: activation memory options of the model (see model.transformer_config)."""
+    `recompute` / `sequence_parallel`: activation memory options of the model (see model.transformer_config).
+    `use_te`: the layer spec (model.resolve_use_te; None = TE exactly when CUDA and transformer_engine are
+    there); the step.Actor running these chunks must be given the same value."""
     from megatron.core.distributed import finalize_model_grads
 
-    model = build_model(model_cfg, ps, bf16=cfg.bf16, recompute=recompute, sequence_parallel=sequence_parallel)
+    model = build_model(model_cfg, ps, bf16=cfg.bf16, recompute=recompute, sequence_parallel=sequence_parallel,
+                        use_te=use_te)
     if init is not None:
         init(model)
     ddp = wrap_model(model, ps, cfg)

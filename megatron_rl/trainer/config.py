@@ -207,12 +207,14 @@ class RLConfig:
                              f"parallel.context = {p.tensor * p.context} with `parallel.sequence_parallel` "
                              f"(each row is split along the sequence over the tensor-parallel ranks)")
 
-    def check_hardware(self, cuda: bool) -> None:
-        """What the machine must offer for these settings (start-up, before any process group)."""
-        if self.parallel.sequence_parallel and not cuda:
-            raise ValueError("`parallel.sequence_parallel` needs the transformer-engine layer spec on GPU; "
-                             "without CUDA the local spec's norm cannot take sequence-parallel input: set "
-                             "parallel.sequence_parallel: false")
+    def check_hardware(self, use_te: bool) -> None:
+        """What the machine must offer for these settings (start-up, before any process group or
+        conversion). use_te: whether the transformer-engine layer spec will be used
+        (megatron.model.resolve_use_te: CUDA and transformer_engine installed); sequence parallelism and
+        context-parallel attention exist only there."""
+        from megatron_rl.megatron.model import check_layer_spec
+
+        check_layer_spec(use_te, sequence_parallel=self.parallel.sequence_parallel, cp=self.parallel.context)
 
     @property
     def logprobs_topk(self) -> int:

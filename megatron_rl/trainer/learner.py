@@ -75,24 +75,29 @@ def build_learner(cfg: RLConfig, checkpoint_dir: str | Path) -> Learner:
     t = cfg.train
     optim = OptimConfig(lr=t.lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
                         clip_grad=t.clip_grad, bf16=cfg.model.dtype == "bfloat16")
+    from megatron_rl.megatron.model import build_model, resolve_use_te
+
+    # the layer spec, decided once here: the actor, the reference model and how both take packed rows
+    # (THD for transformer-engine, block-diagonal masks for the local spec) all follow it
+    use_te = resolve_use_te(None)
     chunks, optimizer = build_training(model_cfg, ps, optim, init=lambda m: load_weights(m, checkpoint_dir),
-                                       recompute=t.recompute, sequence_parallel=p.sequence_parallel)
+                                       recompute=t.recompute, sequence_parallel=p.sequence_parallel,
+                                       use_te=use_te)
     step_cfg = StepConfig(microbatch_tokens=t.micro_batch_tokens, num_minibatches=t.minibatches,
                           max_response_length=cfg.rollout.max_response_length)
     loss_fn = policy_loss_fn(model_cfg, ps, cfg.loss, temperature=cfg.rollout.temperature)
-    actor = Actor(model_cfg, ps, chunks, optimizer, step_cfg, loss_fn)
+    actor = Actor(model_cfg, ps, chunks, optimizer, step_cfg, loss_fn, use_te=use_te)
     reference = None
     if cfg.loss.kl_coef > 0:   # KL to the initial policy: a frozen, forward-only copy of the start weights
-        from megatron_rl.megatron.model import build_model
-
-        # no recompute (it never runs backward); the same sequence parallelism as the actor, whose
-        # packed microbatches it shares
-        ref_model = build_model(model_cfg, ps, bf16=optim.bf16, sequence_parallel=p.sequence_parallel)
+        # no recompute (it never runs backward); the same layer spec and sequence parallelism as the
+        # actor, whose packed microbatches it shares
+        ref_model = build_model(model_cfg, ps, bf16=optim.bf16, sequence_parallel=p.sequence_parallel,
+                                use_te=use_te)
         load_weights(ref_model, checkpoint_dir)
         ref_model.requires_grad_(False)
-        reference = Actor(model_cfg, ps, [ref_model], None, step_cfg, loss_fn=None)
+        reference = Actor(model_cfg, ps, [ref_model], None, step_cfg, loss_fn=None, use_te=use_te)
     reports = ps.is_last_stage and ps.tp_rank == 0 and ps.dp_rank == 0 and ps.cp_rank == 0
-    flag = torch.tensor([dist.get_rank() if reports else 0], dtype=torch.int64)
+    flag = torch.tensor([dist.get_rank() if reports else 0], dtype=torch.int64, device="cpu")   # gloo side
     dist.all_reduce(flag)
     return Learner(cfg, model_cfg, ps, actor, int(flag), reference)
 
@@ -104,18 +109,19 @@ def rollout_to_samples(rollout, advantages: torch.Tensor, topk: int) -> list[dic
     and mu's top-K live on response positions. Prompt positions hold finite placeholders (0), never
     seen by the loss (loss_mask 0 there)."""
     out = []
+    host = torch.device("cpu")   # samples are host records (engine output); the Actor moves packed rows
     for s, adv in zip(rollout.samples, advantages.tolist()):
         p, r = int(s.prompt_ids.numel()), int(s.response_ids.numel())
-        tokens = torch.cat([s.prompt_ids, s.response_ids]).long()
-        mask = torch.zeros(p + r)
+        tokens = torch.cat([s.prompt_ids, s.response_ids]).long().to(host)
+        mask = torch.zeros(p + r, device=host)
         mask[p:] = 1.0
-        mu = torch.zeros(p + r)
+        mu = torch.zeros(p + r, device=host)
         mu[p:] = s.rollout_logprobs.float()
-        sample = {"tokens": tokens, "loss_mask": mask, "advantages": torch.full((p + r,), float(adv)),
+        sample = {"tokens": tokens, "loss_mask": mask, "advantages": torch.full((p + r,), float(adv), device=host),
                   "rollout_logprobs": mu}
         if topk:
-            ids = torch.zeros(p + r, topk, dtype=torch.int64)
-            lps = torch.zeros(p + r, topk)
+            ids = torch.zeros(p + r, topk, dtype=torch.int64, device=host)
+            lps = torch.zeros(p + r, topk, device=host)
             ids[p:] = s.topk_ids.long()
             lps[p:] = s.topk_logprobs.float().clamp(min=-1e4)   # vLLM may return -inf for zero-prob ids
             sample.update(topk_ids=ids, topk_logprobs=lps)
@@ -139,7 +145,7 @@ def probe_engines(learner: Learner, engine, prompts: list[list[int]], max_tokens
     stale copy the engine derived from its weights (a repacked or fused layout, a tied LM head)."""
     rollouts = broadcast_object(engine.probe(prompts, max_tokens) if engine is not None else None, src=0)
     flat = [s for r in rollouts for s in r.samples]
-    samples = rollout_to_samples(Rollout(flat), torch.zeros(len(flat)), topk=0)
+    samples = rollout_to_samples(Rollout(flat), torch.zeros(len(flat), device="cpu"), topk=0)
     pi = policy_logprobs(learner, samples)
     check = None
     if pi is not None:   # the last stage: pi of every token, sliced to each response
@@ -159,7 +165,7 @@ def hf_weights(learner: Learner) -> Iterator[tuple[str, torch.Tensor]]:
     model = unwrap(learner.actor.chunks[0])
     takes_part = ps.dp_rank == 0 and ps.cp_rank == 0
     # which global rank is tp0 of each stage (dp0, cp0): gathered once, every rank contributes
-    stage_src = torch.zeros(ps.pp, dtype=torch.int64)
+    stage_src = torch.zeros(ps.pp, dtype=torch.int64, device="cpu")   # a host vector: the gloo side
     if takes_part and ps.tp_rank == 0:
         stage_src[ps.pp_rank] = rank
     dist.all_reduce(stage_src)
@@ -181,7 +187,8 @@ def hf_weights(learner: Learner) -> Iterator[tuple[str, torch.Tensor]]:
                 if head[0] is None:
                     break
                 name, shape, dtype = head[0]
-                buf = torch.empty(shape, dtype=dtype)
+                # on the model's device, like the sender's tensor: CUDA pairs go over NCCL, CPU over gloo
+                buf = torch.empty(shape, dtype=dtype, device=learner.actor.device)
                 dist.recv(buf, src=src)
                 yield name, buf
     dist.barrier()

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from megatron_rl.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_rl.megatron.hf_checkpoint import export_hf, hf_to_megatron
+from megatron_rl.megatron.model import resolve_use_te
 from megatron_rl.rewards.base import SafeReward
 from megatron_rl.rollout.engine import EngineConfig
 from megatron_rl.rollout.mismatch import PROBE_TOLERANCE, logprob_mismatch
@@ -48,7 +49,7 @@ log = logging.getLogger("megatron_rl")
 
 def train(cfg: RLConfig) -> list[dict]:
     rank, world = init_world()
-    cfg.check_hardware(cuda=torch.cuda.is_available())     # before the conversion writes anything
+    cfg.check_hardware(use_te=resolve_use_te(None))        # before the conversion writes anything
     check_placement_env(cfg.rollout.placement)
     run_dir = Path(cfg.run_dir)
     stop = StopRequest(run_dir)

@@ -112,12 +112,15 @@ def test_memory_and_placement_keys_are_validated_naming_the_key(change, needle):
     assert needle in str(e.value)
 
 
-def test_sequence_parallel_is_refused_without_cuda_at_start_up():
-    cfg = rl_config(parallel={"sequence_parallel": True})
-    cfg.check_hardware(cuda=True)
-    with pytest.raises(ValueError, match="`parallel.sequence_parallel` needs the transformer-engine layer spec on GPU"):
-        cfg.check_hardware(cuda=False)
-    rl_config().check_hardware(cuda=False)
+def test_sequence_parallel_and_cp_attention_are_refused_without_transformer_engine_at_start_up():
+    for key, value, needle in (("sequence_parallel", True, "set parallel.sequence_parallel: false"),
+                               ("context", 2, "set parallel.context: 1")):
+        cfg = rl_config(parallel={key: value, **({"tensor": 2} if key == "sequence_parallel" else {})})
+        cfg.check_hardware(use_te=True)
+        with pytest.raises(ValueError, match="needs the transformer-engine layer spec") as e:
+            cfg.check_hardware(use_te=False)
+        assert needle in str(e.value)
+    rl_config().check_hardware(use_te=False)
 
 
 def test_recompute_choices_agree_between_config_model_and_planner():
