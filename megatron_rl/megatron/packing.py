@@ -10,9 +10,11 @@ Every microbatch is one row of exactly `microbatch_tokens` positions (pipeline s
 `cu_seqlens` marks the real segments. A sequence is never split across microbatches, and a sequence
 longer than the budget is a start-up error naming `microbatch_tokens`.
 
-Attention: on GPU the transformer-engine spec takes THD `packed_seq_params` (cu_seqlens). On CPU the
-local spec only takes an explicit boolean mask, so `attention_mask` is block-diagonal causal
-[1, 1, S, S] (True = masked) and positions run on across segments: RoPE depends on relative positions
+Attention: the transformer-engine layer spec takes THD `packed_seq_params` (cu_seqlens). The local spec
+(CPU, or a GPU without transformer-engine) only takes an explicit boolean mask, so `attention_mask` is
+block-diagonal causal [1, 1, S, S] (True = masked; `causal_block_mask`, which the Actor builds on the
+model's device per forward; `cpu_attention_mask=True` also attaches one here) and positions run on across
+segments: RoPE depends on relative positions
 only, so this equals running each sequence alone (tests/megatron checks packed == unpacked logits).
 
 Devices: a microbatch is built on its samples' device (the host for rollouts: the Actor then moves the
@@ -37,7 +39,7 @@ class Microbatch:
     cu_seqlens: torch.Tensor              # [n + 1] int32, segment boundaries in the row (real segments)
     seq_ids: torch.Tensor                 # [n] int64: index of each segment's sample in the batch
     fields: dict = field(default_factory=dict)   # name -> [1, S, ...] shifted per-token values
-    attention_mask: Optional[torch.Tensor] = None  # [1, 1, S, S] bool, CPU path only
+    attention_mask: Optional[torch.Tensor] = None  # [1, 1, S, S] bool, the local spec only
     # context parallel (split_for_cp): this CP rank's positions of the row and its chunk-level segments
     cp_index: Optional[torch.Tensor] = None
     cp_local_cu: Optional[torch.Tensor] = None
