@@ -10,18 +10,13 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-# Mode names (registered in modes.LOSS_MODES; listed here so the config can validate without importing it).
-MODES = ("ppo", "dual_clip", "dppo_binary_tv", "dppo_binary_kl", "dppo_topk_tv", "dppo_topk_kl",
-         "dppo_exact_tv", "dppo_exact_kl", "cppo", "gspo", "cispo", "pg_is")
-DIVERGENCE_NAMES = ("binary_tv", "binary_kl", "topk_tv", "topk_kl", "exact_tv", "exact_kl")
-# algorithms.md Sec. 3 "Defaults": TV 0.15 (0.20 for MoE / large runs), KL 0.05.
-DEFAULT_DELTA = {"binary_tv": 0.15, "binary_kl": 0.05, "topk_tv": 0.15, "topk_kl": 0.05,
-                 "exact_tv": 0.15, "exact_kl": 0.05}
-# The divergence a `dppo_*` mode is built on.
-DPPO_DIVERGENCE = {f"dppo_{d}": d for d in DIVERGENCE_NAMES}
+from . import registry
+
+# The option values of the fields that are not registries. Modes, divergences and aggregation modes are
+# validated against registry.LOSS_MODES / DIVERGENCES / AGGREGATIONS, filled by modes.py, divergence.py
+# and reduce.py (the package exports their names as MODES, DIVERGENCE_NAMES, AGG_MODES).
 ANCHORS = ("rollout", "old")
 LOSS_FORMS = ("reinforce", "surrogate")
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 HORIZONS = ("sequence", "max")
 DELTA_B_MODES = ("fixed", "p90")
 ROLLOUT_CORRECTIONS = ("none", "tis", "icepop")
@@ -32,25 +27,28 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 class LossConfig:
     """Typed loss configuration; raises ValueError naming the field and the allowed values."""
 
-    mode: str = "dppo_binary_tv"        # one of MODES; the project's headline method (DPPO Sec. 4.4)
+    mode: str = "dppo_binary_tv"        # a registered mode; the project's headline method (DPPO Sec. 4.4)
     anchor: str = "rollout"             # algorithms.md Sec. 1: mu by default (DPPO Sec. 5.2); `old` = pi_old
     loss_form: str = "reinforce"        # algorithms.md Sec. 2.1: DPPO Eq. 23 (authors' code); `surrogate` = -A r M
-    loss_agg_mode: str = "seq-mean-token-sum-norm"  # Sec. 5: what both papers' scripts use (Dr. GRPO)
-    tis_cap: Optional[float] = None     # C, Sec. 2: None = infinity (NOT verl's 3.0)
+    loss_agg_mode: str = "seq-mean-token-sum-norm"  # algorithms.md Sec. 5: both papers' scripts (Dr. GRPO)
+    tis_cap: Optional[float] = None     # C, algorithms.md Sec. 2.1: None = no cap; DPPO Sec. 5.4 found capping
+    #                                     hurts (verl's clip_ratio_c = 3.0 silently caps its DPPO at 3)
 
-    # ppo / dual_clip (Sec. 2): asymmetric clip-higher; dual-clip bound for A < 0 (Ye et al. 2020 use 3).
+    # ppo / dual_clip (algorithms.md Sec. 2): asymmetric clip-higher; dual-clip bound for A < 0 (Ye et al.
+    # 2020 use 3).
     eps_low: float = 0.2
     eps_high: float = 0.28
     clip_ratio_c: float = 3.0
 
-    # DPPO / CPPO trust region. delta None = the divergence's default (Sec. 3); delta_low / delta_high
-    # (for A < 0 / A > 0) default to delta (Sec. 2 table).
-    divergence: Optional[str] = None    # cppo: which D (default binary_tv, the authors' code, Sec. 4);
-    #                                     other modes: None, or a D logged as a metric only
+    # DPPO / CPPO trust region. delta None = the divergence's default (algorithms.md Sec. 3 "Defaults");
+    # delta_low / delta_high (for A < 0 / A > 0) default to delta (algorithms.md Sec. 2 table).
+    divergence: Optional[str] = None    # cppo: which D (default binary_tv: the authors' code has no other);
+    #                                     dppo_*: None or the one the mode names; other modes: None, or a
+    #                                     D logged as a metric only (registry.ModeSpec.divergence)
     delta: Optional[float] = None
     delta_low: Optional[float] = None
     delta_high: Optional[float] = None
-    topk: int = 20                      # K of the top-K divergences (Sec. 3; vLLM max_logprobs default)
+    topk: int = 20                      # K of the top-K divergences: vLLM's default max_logprobs
 
     # CPPO (algorithms.md Sec. 4; CPPO Eq. 8-9, 22)
     w_min: float = 0.8
@@ -65,7 +63,8 @@ class LossConfig:
     gspo_eps_low: float = 3e-4
     gspo_eps_high: float = 4e-4
 
-    # Train-inference corrections against mu when anchor == "old" (Sec. 2). TIS: weight min(pi_old/mu, cap)
+    # Train-inference corrections against mu when anchor == "old" (algorithms.md Sec. 2.3: the ratio is
+    # then against pi_old, so sampling from mu needs its own correction). TIS: weight min(pi_old/mu, cap)
     # (Yao et al. 2025 use cap 2). IcePop: keep pi_old/mu in [icepop_low, icepop_high], else drop the token
     # (Ring-1T / IcePop: 0.5 and 5).
     rollout_correction: str = "none"
@@ -79,19 +78,19 @@ class LossConfig:
     entropy_coef: float = 0.0
 
     def __post_init__(self):
-        _choice(self, "mode", MODES)
+        _choice(self, "mode", tuple(registry.LOSS_MODES))
         _choice(self, "anchor", ANCHORS)
         _choice(self, "loss_form", LOSS_FORMS)
-        _choice(self, "loss_agg_mode", AGG_MODES)
+        _choice(self, "loss_agg_mode", tuple(registry.AGGREGATIONS))
         _choice(self, "horizon", HORIZONS)
         _choice(self, "delta_b_mode", DELTA_B_MODES)
         _choice(self, "rollout_correction", ROLLOUT_CORRECTIONS)
         _choice(self, "kl_estimator", KL_ESTIMATORS)
         if self.divergence is not None:
-            _choice(self, "divergence", DIVERGENCE_NAMES)
-        implied = DPPO_DIVERGENCE.get(self.mode)
-        if implied is not None and self.divergence not in (None, implied):
-            _fail("divergence", self.divergence, f"None or {implied!r} (implied by mode {self.mode!r})")
+            _choice(self, "divergence", tuple(registry.DIVERGENCES))
+        mode = registry.LOSS_MODES[self.mode]
+        if mode.divergence_fixed and self.divergence not in (None, mode.divergence):
+            _fail("divergence", self.divergence, f"None or {mode.divergence!r} (implied by mode {self.mode!r})")
 
         _number(self, "tis_cap", lo=0.0, lo_open=True, optional=True)
         _number(self, "eps_low", lo=0.0, hi=1.0, hi_open=True)
@@ -113,11 +112,8 @@ class LossConfig:
         _number(self, "kl_coef", lo=0.0)
         _number(self, "entropy_coef", lo=0.0)
 
-        if self.mode == "cispo":
-            if self.tis_cap is None:
-                _fail("tis_cap", None, "a finite cap C > 0 (cispo is unmasked and relies on the cap)")
-            if self.loss_form != "reinforce":
-                _fail("loss_form", self.loss_form, "'reinforce' (cispo is defined by its detached capped weight)")
+        if mode.check is not None:       # the mode's own rules (e.g. cispo requires the cap)
+            mode.check(self)
         if self.rollout_correction != "none" and self.anchor != "old":
             _fail("rollout_correction", self.rollout_correction,
                   "'none' when anchor='rollout' (the ratio is already against mu); use anchor='old'")
@@ -126,16 +122,18 @@ class LossConfig:
     @property
     def divergence_name(self) -> Optional[str]:
         """The divergence the mode masks on (or logs): dppo_* imply theirs, cppo defaults to binary_tv."""
-        if self.mode in DPPO_DIVERGENCE:
-            return DPPO_DIVERGENCE[self.mode]
-        if self.mode == "cppo":
-            return self.divergence or "binary_tv"
-        return self.divergence
+        return registry.divergence_name(self)
+
+    @property
+    def needs(self) -> registry.LossNeeds:
+        """The inputs this configuration needs (top-K, full log-probs, CP completions): registry.needs."""
+        return registry.needs(self)
 
     @property
     def delta_bounds(self) -> tuple[float, float]:
         """(delta_low, delta_high): thresholds for A < 0 and A > 0 (algorithms.md Sec. 2 table)."""
-        base = self.delta if self.delta is not None else DEFAULT_DELTA[self.divergence_name or "binary_tv"]
+        base = (self.delta if self.delta is not None
+                else registry.DIVERGENCES[self.divergence_name or "binary_tv"].default_delta)
         low = self.delta_low if self.delta_low is not None else base
         high = self.delta_high if self.delta_high is not None else base
         return float(low), float(high)

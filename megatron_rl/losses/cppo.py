@@ -72,9 +72,9 @@ def cppo_mask(divergence: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: tor
     Host reads: on CPU tensors two shortcuts read values (equal-length segments take the [S, L] row
     layout; an all-finite delta_b skips the infinite-budget handling). On an accelerator both would be a
     device sync per call, so the general packed formulation runs instead (the same mask; the scans agree to
-    fp64 rounding: tests/test_device.py). `check` (default True) verifies that no loss token's position exceeds the horizon T
-    when T comes from the caller (horizon 'max', or seg_num_tokens): one host read; False skips it, for
-    inputs checked before (PolicyInputs(check_values=False)).
+    fp64 rounding: tests/test_device.py). `check` (default True) verifies that no loss token's position
+    exceeds the horizon T when T comes from the caller (horizon 'max', or seg_num_tokens): one host read;
+    False skips it, for inputs checked before (PolicyInputs(check_values=False)).
     """
     n, s = divergence.shape[0], cu_seqlens.shape[0] - 1
     dev, f64 = divergence.device, torch.float64

@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .inputs import PolicyInputs
+from .registry import register_divergence
 
 # Floor for log-probabilities of empty buckets / log(1 - p) at p == 1: keeps D finite (fp32's tiniest normal).
 LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
@@ -19,12 +20,14 @@ LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
 
 class Divergence(NamedTuple):
     value: torch.Tensor                     # [N] fp32, >= 0
-    tail_mass: Optional[torch.Tensor] = None  # [N] the anchor's "other" bucket (top-K only; Sec. 7 metric)
+    tail_mass: Optional[torch.Tensor] = None  # [N] the anchor's "other" bucket (top-K only), logged as
+    #                                           topk_tail_mass_*: how much of mu the K ids leave out
 
 
 def _log1mexp(logp: torch.Tensor) -> torch.Tensor:
     """log(1 - p) from log p <= 0, accurate at both ends (Maechler 2012): log(-expm1(log p)) for p > 1/2
-    (Sec. 3: finite for p near 1), log1p(-p) for p <= 1/2 (exact for tiny p). Floored at p == 1."""
+    (finite for p near 1, where 1 - p cancels in fp32), log1p(-p) for p <= 1/2 (exact for tiny p).
+    Floored at p == 1, so binary KL stays finite there (algorithms.md Sec. 3)."""
     near_one = logp > -math.log(2.0)
     out = torch.where(near_one, torch.log(-torch.expm1(logp)), torch.log1p(-torch.exp(logp)))
     return out.clamp(min=LOG_TINY)
@@ -34,13 +37,14 @@ def _log1mexp(logp: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def binary_tv(logprobs: torch.Tensor, anchor_logprobs: torch.Tensor) -> torch.Tensor:
-    """[N] |pi_a - mu_a| (Sec. 3 Binary-TV)."""
+    """[N] |pi_a - mu_a| (algorithms.md Sec. 3, binary_tv)."""
     return (logprobs.detach().float().exp() - anchor_logprobs.float().exp()).abs()
 
 
 @torch.no_grad()
 def binary_kl(logprobs: torch.Tensor, anchor_logprobs: torch.Tensor) -> torch.Tensor:
-    """[N] mu_a log(mu_a / pi_a) + (1 - mu_a) log((1 - mu_a) / (1 - pi_a)) (Sec. 3 Binary-KL), clamped >= 0."""
+    """[N] mu_a log(mu_a / pi_a) + (1 - mu_a) log((1 - mu_a) / (1 - pi_a)) (algorithms.md Sec. 3, binary_kl),
+    clamped >= 0 (it is >= 0 exactly; fp32 rounding can dip below when pi_a is close to mu_a)."""
     lp = logprobs.detach().float().clamp(max=0.0)
     la = anchor_logprobs.float().clamp(max=0.0)
     head = la.exp() * (la - lp)
@@ -62,9 +66,9 @@ class TopKParts(NamedTuple):
 @torch.no_grad()
 def topk_parts(topk_ids: torch.Tensor, tokens: torch.Tensor, topk_logprobs: torch.Tensor,
                token_logprobs: torch.Tensor, new_token: Optional[torch.Tensor] = None) -> TopKParts:
-    """Buckets TopK u {a_t} + "other" of one policy (Sec. 3 Top-K). The top-K ids of a distribution are
-    distinct (vLLM returns ranks 1..K); the sampled token is deduplicated against them (`new_token` [N] bool:
-    True where it is not among the ids; computed when not given).
+    """Buckets TopK u {a_t} + "other" of one policy (algorithms.md Sec. 3, Top-K). The top-K ids of a
+    distribution are distinct (vLLM returns ranks 1..K); the sampled token is deduplicated against them
+    (`new_token` [N] bool: True where it is not among the ids; computed when not given).
     "other" keeps its relative precision when the first id dominates (the usual peaked LLM case):
     1 - sum q = -expm1(log q_0) - sum_{rest} q, instead of 1 - (a sum close to 1) in fp32."""
     if new_token is None:
@@ -80,8 +84,8 @@ def topk_parts(topk_ids: torch.Tensor, tokens: torch.Tensor, topk_logprobs: torc
 def topk_buckets(topk_ids: torch.Tensor, tokens: torch.Tensor, anchor_topk_logprobs: torch.Tensor,
                  anchor_token_logprobs: torch.Tensor, topk_logprobs: torch.Tensor,
                  token_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bucket probabilities of the anchor and of pi, each [N, K+2] fp32 (Sec. 3 Top-K): the K top-K ids,
-    the sampled token (0 when already among the ids: never counted twice), the "other" bucket.
+    """Bucket probabilities of the anchor and of pi, each [N, K+2] fp32 (algorithms.md Sec. 3, Top-K): the
+    K ids, the sampled token (0 when already among the ids: never counted twice), the "other" bucket.
     Inputs: topk_ids [N, K] int, tokens [N] int, anchor_topk_logprobs / topk_logprobs [N, K] (anchor's and
     pi's log-probs at topk_ids), anchor_token_logprobs / token_logprobs [N] (at the sampled token)."""
     new = ~(topk_ids == tokens.to(topk_ids.dtype)[:, None]).any(dim=1)
@@ -124,7 +128,8 @@ def exact_kl(full_logprobs: torch.Tensor, anchor_full_logprobs: torch.Tensor) ->
     return (a.exp() * (a - p)).sum(dim=-1).clamp(min=0.0)
 
 
-# ---- registry: name -> fn(inputs, anchor_logprobs) -> Divergence -----------------------------------------
+# ---- registry: name -> fn(inputs, anchor_logprobs) -> Divergence, with its inputs and default delta ----
+# (algorithms.md Sec. 3 "Defaults": TV 0.15, the papers use 0.20 for MoE / large runs; KL 0.05)
 
 def _need(inp: PolicyInputs, field: str, who: str):
     if getattr(inp, field) is None:
@@ -140,18 +145,36 @@ def _topk(inp: PolicyInputs, anchor_logprobs: torch.Tensor, fn) -> Divergence:
     return Divergence(fn(a, p), a.other)
 
 
-def _exact(fn):
-    def run(inp, anchor_logprobs):
-        _need(inp, "full_logprobs", "exact")
-        return Divergence(fn(inp.full_logprobs, inp.anchor_full_logprobs))
-    return run
+def _exact(inp: PolicyInputs, fn) -> Divergence:
+    _need(inp, "full_logprobs", "exact")
+    return Divergence(fn(inp.full_logprobs, inp.anchor_full_logprobs))
 
 
-DIVERGENCES = {
-    "binary_tv": lambda inp, anchor: Divergence(binary_tv(inp.logprobs, anchor)),
-    "binary_kl": lambda inp, anchor: Divergence(binary_kl(inp.logprobs, anchor)),
-    "topk_tv": lambda inp, anchor: _topk(inp, anchor, topk_tv),
-    "topk_kl": lambda inp, anchor: _topk(inp, anchor, topk_kl),
-    "exact_tv": _exact(exact_tv),
-    "exact_kl": _exact(exact_kl),
-}
+@register_divergence("binary_tv", default_delta=0.15)
+def _binary_tv_of(inp: PolicyInputs, anchor_logprobs: torch.Tensor) -> Divergence:
+    return Divergence(binary_tv(inp.logprobs, anchor_logprobs))
+
+
+@register_divergence("binary_kl", default_delta=0.05)
+def _binary_kl_of(inp: PolicyInputs, anchor_logprobs: torch.Tensor) -> Divergence:
+    return Divergence(binary_kl(inp.logprobs, anchor_logprobs))
+
+
+@register_divergence("topk_tv", default_delta=0.15, topk=True)
+def _topk_tv_of(inp: PolicyInputs, anchor_logprobs: torch.Tensor) -> Divergence:
+    return _topk(inp, anchor_logprobs, topk_tv)
+
+
+@register_divergence("topk_kl", default_delta=0.05, topk=True)
+def _topk_kl_of(inp: PolicyInputs, anchor_logprobs: torch.Tensor) -> Divergence:
+    return _topk(inp, anchor_logprobs, topk_kl)
+
+
+@register_divergence("exact_tv", default_delta=0.15, full_logprobs=True)
+def _exact_tv_of(inp: PolicyInputs, anchor_logprobs: torch.Tensor) -> Divergence:
+    return _exact(inp, exact_tv)
+
+
+@register_divergence("exact_kl", default_delta=0.05, full_logprobs=True)
+def _exact_kl_of(inp: PolicyInputs, anchor_logprobs: torch.Tensor) -> Divergence:
+    return _exact(inp, exact_kl)

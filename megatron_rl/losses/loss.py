@@ -8,8 +8,9 @@ import torch
 
 from .config import LossConfig
 from .inputs import GlobalCounts, PolicyInputs
-from .modes import LOSS_MODES, MAX_LOG_RATIO, ratio_of
+from .modes import MAX_LOG_RATIO, ratio_of
 from .reduce import Batch
+from .registry import LOSS_MODES
 
 
 def compute_policy_loss(cfg: LossConfig, inputs: PolicyInputs, counts: GlobalCounts
@@ -21,7 +22,8 @@ def compute_policy_loss(cfg: LossConfig, inputs: PolicyInputs, counts: GlobalCou
       surrogate:                pg_t = -A_t * min(r_t, C) * M_t      (same gradient while r_t < C; none above C)
       times sg(the rollout correction weight) when cfg.rollout_correction != 'none'
       loss_t = pg_t + kl_coef * KL_t(pi || ref) - entropy_coef * entropy_t
-    loss = sum_t weight_t * loss_t, weight_t (0 off the loss mask) from cfg.loss_agg_mode and the GLOBAL counts (reduce.py).
+    loss = sum_t weight_t * loss_t, weight_t (0 off the loss mask) from cfg.loss_agg_mode and the GLOBAL
+    counts (reduce.py).
     Note the REINFORCE form's value is not the surrogate's value; only its gradient is meaningful.
     """
     if not isinstance(cfg, LossConfig):
@@ -46,7 +48,8 @@ def compute_policy_loss(cfg: LossConfig, inputs: PolicyInputs, counts: GlobalCou
     keep_f = res.keep.float()              # M_t; products with float masks (inputs are finite: no 0 * inf)
 
     if cfg.rollout_correction != "none":
-        # Sec. 2: with anchor pi_old, correct for sampling from mu with k = pi_old / mu (detached).
+        # algorithms.md Sec. 2.3: with anchor pi_old the ratio ignores that mu sampled the tokens, so the
+        # mask is weighted by k = pi_old / mu (detached).
         k = torch.exp((inputs.old_logprobs.float() - inputs.rollout_logprobs.float()).clamp(max=MAX_LOG_RATIO))
         if cfg.rollout_correction == "tis":
             corr = k.clamp(max=cfg.rollout_is_cap)

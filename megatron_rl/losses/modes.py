@@ -5,22 +5,26 @@ the sampled token back toward the anchor is always kept; I_t only gates the term
 Two modes depart from it by definition: `dual_clip` also drops A < 0 tokens with r > clip_ratio_c, and
 `gspo` applies the rule to the sequence ratio (so a whole sequence is kept or dropped).
 
-A mode is `fn(cfg, batch) -> ModeResult` (batch: reduce.Batch), registered by name in LOSS_MODES.
+A mode is `fn(cfg, batch) -> ModeResult` (batch: reduce.Batch), registered by name in LOSS_MODES with
+what it needs (registry.ModeSpec: its divergence, GSPO's sequence sums, CPPO's context-parallel carries).
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from .config import LossConfig
+from .config import LossConfig, _fail
 from .cppo import cppo_mask
-from .divergence import DIVERGENCES, Divergence
+from .divergence import Divergence
 from .inputs import segment_sum
 from .reduce import Batch
+from .registry import DIVERGENCES, register_mode
 
-MAX_LOG_RATIO = 20.0   # Sec. 1: clamp the log-ratio at +20 before exp
+# algorithms.md Sec. 1: the log-ratio is clamped at +20 before exp, so the ratio stays finite in fp32
+# (e^89 is already inf, and inf times a zero mask or weight is NaN in the loss).
+MAX_LOG_RATIO = 20.0
 
 
 class ModeResult(NamedTuple):
@@ -30,15 +34,6 @@ class ModeResult(NamedTuple):
     token_metrics: dict                   # name -> [N]: averaged over loss tokens
     seq_metrics: dict                     # name -> [S]: averaged over sequences
 
-
-LOSS_MODES: dict[str, Callable[[LossConfig, Batch], ModeResult]] = {}
-
-
-def register(name: str):
-    def deco(fn):
-        LOSS_MODES[name] = fn
-        return fn
-    return deco
 
 
 def ratio_of(log_ratio: torch.Tensor) -> torch.Tensor:
@@ -54,13 +49,16 @@ def divergence_of(cfg: LossConfig, b: Batch) -> Optional[Divergence]:
     name = cfg.divergence_name
     if name is None:
         return None
-    if name.startswith("topk") and b.inp.topk_ids is not None and b.inp.topk_ids.shape[1] != cfg.topk:
+    spec = DIVERGENCES[name]
+    if spec.topk and b.inp.topk_ids is not None and b.inp.topk_ids.shape[1] != cfg.topk:
         raise ValueError(f"PolicyInputs.topk_ids: K={b.inp.topk_ids.shape[1]} but LossConfig.topk={cfg.topk}")
-    return DIVERGENCES[name](b.inp, b.anchor)
+    return spec(b.inp, b.anchor)
 
 
 def per_sign_delta(cfg: LossConfig, adv: torch.Tensor):
-    """delta_high where A > 0, delta_low where A < 0 (Sec. 2 table); a float when they are equal."""
+    """delta_high where A > 0, delta_low where A < 0 (algorithms.md Sec. 2 table: an update that raises a
+    good token's probability may be allowed a different step than one that lowers a bad token's); a float
+    when they are equal."""
     low, high = cfg.delta_bounds
     if low == high:
         return low
@@ -75,7 +73,7 @@ def _ppo_keep(cfg, b, log_ratio):
     return toward_anchor(b.adv, log_ratio) | inside
 
 
-@register("ppo")
+@register_mode("ppo")
 def ppo(cfg: LossConfig, b: Batch) -> ModeResult:
     """Clip-higher PPO as a mask: I_t = 1 - eps_low <= r_t <= 1 + eps_high; gradient-identical to
     min(r A, clip(r) A)."""
@@ -83,7 +81,7 @@ def ppo(cfg: LossConfig, b: Batch) -> ModeResult:
     return ModeResult(log_ratio, _ppo_keep(cfg, b, log_ratio), divergence_of(cfg, b), {}, {})
 
 
-@register("dual_clip")
+@register_mode("dual_clip")
 def dual_clip(cfg: LossConfig, b: Batch) -> ModeResult:
     """PPO plus dual clip (Ye et al. 2020): for A < 0 the loss is capped at -c A, so tokens with
     r > clip_ratio_c get no gradient even though they move toward the anchor."""
@@ -96,24 +94,26 @@ def dual_clip(cfg: LossConfig, b: Batch) -> ModeResult:
 # ---- DPPO: a divergence threshold ------------------------------------------------------------------------
 
 def _dppo(cfg: LossConfig, b: Batch) -> ModeResult:
-    """DPPO (docs/algorithms.md Sec. 2 table; DPPO Eq. 12, DPPO Sec. 4.4): I_t = D_t <= delta (delta_high if A > 0, delta_low if
-    A < 0). Compared in fp64, as CPPO does, so that CPPO's DPPO limit is exact to the last bit."""
+    """DPPO (algorithms.md Sec. 2 table; DPPO Eq. 12, DPPO Sec. 4.4): I_t = D_t <= delta (delta_high if
+    A > 0, delta_low if A < 0). Compared in fp64, as CPPO does, so that CPPO's DPPO limit is exact to the
+    last bit."""
     log_ratio = b.lp - b.anchor
     div = divergence_of(cfg, b)
     inside = div.value.to(torch.float64) <= per_sign_delta(cfg, b.adv)
     return ModeResult(log_ratio, toward_anchor(b.adv, log_ratio) | inside, div, {}, {})
 
 
-for _name in ("dppo_binary_tv", "dppo_binary_kl", "dppo_topk_tv", "dppo_topk_kl", "dppo_exact_tv",
-              "dppo_exact_kl"):
-    register(_name)(_dppo)
+# one DPPO mode per registered divergence, named after it and defined by it
+for _div in tuple(DIVERGENCES):
+    register_mode(f"dppo_{_div}", divergence=_div, divergence_fixed=True)(_dppo)
 
 
 # ---- CPPO: position-weighted threshold + cumulative prefix budget ----------------------------------------
 
-@register("cppo")
+# any divergence; binary_tv by default, the only one the authors' code has (algorithms.md Sec. 10)
+@register_mode("cppo", divergence="binary_tv", cp_scan=True)
 def cppo(cfg: LossConfig, b: Batch) -> ModeResult:
-    """CPPO (docs/algorithms.md Sec. 4; CPPO Eq. 8-10): I_t = w_t D_t <= c_t from the segmented scan in cppo.py."""
+    """CPPO (algorithms.md Sec. 4; CPPO Eq. 8-10): I_t = w_t D_t <= c_t from the segmented scan in cppo.py."""
     if cfg.horizon == "max" and b.counts.max_response_length is None:
         raise ValueError("GlobalCounts.max_response_length: required by cppo with horizon 'max'")
     log_ratio = b.lp - b.anchor
@@ -132,7 +132,7 @@ def cppo(cfg: LossConfig, b: Batch) -> ModeResult:
 
 # ---- sequence-level and unmasked baselines --------------------------------------------------------------
 
-@register("gspo")
+@register_mode("gspo", seq_log_ratio_sum=True)
 def gspo(cfg: LossConfig, b: Batch) -> ModeResult:
     """GSPO (Zheng et al. 2025, GSPO-token form): s_i = exp(mean_t log r_t) over the sequence's loss tokens;
     the token ratio is sg(s_i) * pi_t / sg(pi_t), so the gradient is s_i * grad log pi_t. Mask: the unified
@@ -156,5 +156,12 @@ def _unmasked(cfg: LossConfig, b: Batch) -> ModeResult:
     return ModeResult(log_ratio, torch.ones_like(b.m), divergence_of(cfg, b), {}, {})
 
 
-register("pg_is")(_unmasked)
-register("cispo")(_unmasked)
+def _check_cispo(cfg: LossConfig) -> None:
+    if cfg.tis_cap is None:
+        _fail("tis_cap", None, "a finite cap C > 0 (cispo is unmasked and relies on the cap)")
+    if cfg.loss_form != "reinforce":
+        _fail("loss_form", cfg.loss_form, "'reinforce' (cispo is defined by its detached capped weight)")
+
+
+register_mode("cispo", check=_check_cispo)(_unmasked)
+register_mode("pg_is")(_unmasked)

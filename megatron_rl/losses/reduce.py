@@ -8,6 +8,7 @@ partial sum and summing microbatches (and DP / CP ranks) gives the global loss e
 | seq-mean-token-sum-norm  | 1 / (num_sequences * max_response_length)  (Dr. GRPO)  |
 
 Zero counts are clamped to 1: an all-masked batch has all weights 0 and gives loss 0, never 0/0.
+Each mode is a weight function registered by name (registry.AGGREGATIONS), after Batch below.
 `Batch` holds one microbatch prepared once (fp32 views, masks, segment info) and the metric reductions.
 """
 
@@ -18,6 +19,7 @@ from functools import cached_property
 import torch
 
 from .inputs import GlobalCounts, PolicyInputs, segment_ids, segment_sum
+from .registry import AGGREGATIONS, register_aggregation
 
 
 def _count(value, device) -> torch.Tensor:
@@ -58,23 +60,15 @@ class Batch:
         return given.to(self.device) if given is not None else self.local_tokens
 
     def weights(self, agg_mode: str) -> torch.Tensor:
-        """[N] fp32 detached weights (0 off the loss mask); loss = sum_t weight_t * loss_t."""
-        counts = self.counts
-        if agg_mode == "token-mean":
-            return self.mf / _count(counts.num_tokens, self.device)
-        n_seq = _count(counts.num_sequences, self.device)
-        if agg_mode == "seq-mean-token-sum":
-            return self.mf / n_seq
-        if agg_mode == "seq-mean-token-mean":
-            per_seq = (self.seg_tokens.to(torch.float32).clamp(min=1.0) * n_seq).index_select(0, self.seg)
-            return self.mf / per_seq
-        if agg_mode == "seq-mean-token-sum-norm":
-            if counts.max_response_length is None:
-                raise ValueError("GlobalCounts.max_response_length: required by loss_agg_mode "
-                                 "'seq-mean-token-sum-norm'")
-            return self.mf / (n_seq * float(counts.max_response_length))
-        raise ValueError(f"loss_agg_mode: got {agg_mode!r}; allowed: 'token-mean', 'seq-mean-token-sum', "
-                         "'seq-mean-token-mean', 'seq-mean-token-sum-norm'")
+        """[N] fp32 detached weights (0 off the loss mask) of the registered `agg_mode`;
+        loss = sum_t weight_t * loss_t."""
+        spec = AGGREGATIONS.get(agg_mode)
+        if spec is None:
+            raise ValueError(f"loss_agg_mode: got {agg_mode!r}; allowed: "
+                             + ", ".join(repr(name) for name in AGGREGATIONS))
+        if spec.max_response_length and self.counts.max_response_length is None:
+            raise ValueError(f"GlobalCounts.max_response_length: required by loss_agg_mode {agg_mode!r}")
+        return spec(self)
 
     # ---- metric partials: sum-reduced (means over global counts) or max-reduced (`*_max`) --------------
     def token_mean(self, values: torch.Tensor) -> torch.Tensor:
@@ -97,3 +91,27 @@ class Batch:
         share = self.local_tokens.to(torch.float32) / self.seg_tokens.to(torch.float32).clamp(min=1.0)
         total = (values.detach().to(torch.float32) * share).sum()
         return total / _count(self.counts.num_sequences, self.device)
+
+
+# ---- the aggregation modes: name -> fn(batch) -> [N] weights (the table in the module docstring) ---------
+
+@register_aggregation("token-mean")
+def _token_mean(b: Batch) -> torch.Tensor:
+    return b.mf / _count(b.counts.num_tokens, b.device)
+
+
+@register_aggregation("seq-mean-token-sum")
+def _seq_mean_token_sum(b: Batch) -> torch.Tensor:
+    return b.mf / _count(b.counts.num_sequences, b.device)
+
+
+@register_aggregation("seq-mean-token-mean")
+def _seq_mean_token_mean(b: Batch) -> torch.Tensor:
+    n_seq = _count(b.counts.num_sequences, b.device)
+    per_seq = (b.seg_tokens.to(torch.float32).clamp(min=1.0) * n_seq).index_select(0, b.seg)
+    return b.mf / per_seq
+
+
+@register_aggregation("seq-mean-token-sum-norm", max_response_length=True)
+def _seq_mean_token_sum_norm(b: Batch) -> torch.Tensor:
+    return b.mf / (_count(b.counts.num_sequences, b.device) * float(b.counts.max_response_length))

@@ -4,7 +4,8 @@ microbatch to its contribution to the global loss (identical on every TP rank).
 - `policy_loss_fn(...)`: the policy losses of megatron_rl.losses (ppo, dppo_*, cppo, ...), per
   microbatch on the last pipeline stage: an adapter from the microbatch to the one whole-loss path,
   megatron_rl.parallel.vocab_parallel_policy_loss (CPPO masks per microbatch, CP carry included).
-- `token_loss_fn(...)`: -A_t * log pi(a_t), token-mean over global counts; a plain baseline for tests.
+  What it feeds the loss follows the mode's registry record (LossConfig.needs), never its name.
+- `logprob_fn(...)`: log pi of the labels, for the pi_old recompute.
 """
 
 from __future__ import annotations
@@ -47,19 +48,6 @@ def logprob_fn(model_cfg: ModelConfig, ps: ParallelState, temperature: float = 1
     return fn
 
 
-def token_loss_fn(model_cfg: ModelConfig, ps: ParallelState, temperature: float = 1.0):
-    shard, group = _shard(model_cfg, ps), _tp_group(ps)
-
-    def fn(logits: torch.Tensor, mb: Microbatch, counts):
-        lp = vocab_parallel_token_stats(logits, mb.labels[0][:, None], shard, group,
-                                        temperature=temperature).logprobs[:, 0]
-        m = mb.fields["loss_mask"][0].to(lp.dtype)
-        adv = mb.fields["advantages"][0].to(lp.dtype)
-        loss = -(adv * lp * m).sum() / counts.num_tokens.clamp(min=1).to(lp.dtype)
-        return loss, {}
-    return fn
-
-
 def policy_loss_fn(model_cfg: ModelConfig, ps: ParallelState, loss_cfg: LossConfig, temperature: float = 1.0,
                    inplace_backward: bool = True, validate: bool = True):
     """The configured policy loss on one microbatch: megatron_rl.parallel.vocab_parallel_policy_loss fed
@@ -81,19 +69,18 @@ def policy_loss_fn(model_cfg: ModelConfig, ps: ParallelState, loss_cfg: LossConf
     """
     shard, group = _shard(model_cfg, ps), _tp_group(ps)
     cp_group = ps.cp_group if ps.cp > 1 else None
-    div = loss_cfg.divergence_name or ""
-    need_topk = div.startswith("topk")
-    if div.startswith("exact"):
-        raise ValueError(f"LossConfig.mode={loss_cfg.mode!r} / divergence={div!r}: the exact divergences need "
-                         f"the full vocabulary per token and are a single-process test oracle; not supported "
-                         f"in the Megatron step")
+    need = loss_cfg.needs
+    if need.full_logprobs:
+        raise ValueError(f"LossConfig.mode={loss_cfg.mode!r} / divergence={need.divergence!r}: the exact "
+                         f"divergences need the full vocabulary per token and are a single-process test "
+                         f"oracle; not supported in the Megatron step")
 
     def fn(logits: torch.Tensor, mb: Microbatch, counts):
         f = {k: v[0] for k, v in mb.fields.items()}
         cu = mb.cp_local_cu if mb.cp_local_cu is not None else full_cu_seqlens(mb)
         rollout = dict(tokens=mb.labels[0], rollout_logprobs=f["rollout_logprobs"].float(),
                        advantages=f["advantages"].float(), loss_mask=f["loss_mask"] != 0, cu_seqlens=cu)
-        if need_topk:
+        if need.topk:
             if "topk_ids" not in f:
                 raise ValueError(f"LossConfig.mode={loss_cfg.mode!r}: samples need `topk_ids` and "
                                  f"`topk_logprobs` (the rollout's top-K)")

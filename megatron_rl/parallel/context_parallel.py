@@ -26,6 +26,7 @@ microbatches (every CP rank of a replica has them) summed over DP, never from lo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -152,7 +153,7 @@ def cp_segment_fields(divergence: torch.Tensor, loss_mask: torch.Tensor, local_c
 
 def local_divergence(cfg: LossConfig, inputs: PolicyInputs) -> Optional[torch.Tensor]:
     """D_t of the configured divergence on local tokens (detached), or None when the mode has none."""
-    name = cfg.divergence_name
+    name = cfg.needs.divergence
     if name is None:
         return None
     return DIVERGENCES[name](inputs, inputs.anchor_logprobs(cfg.anchor))[0].detach()
@@ -162,17 +163,18 @@ def with_cp_fields(cfg: LossConfig, inputs: PolicyInputs, group, max_response_le
                    ) -> PolicyInputs:
     """`inputs` (this CP rank's chunk-segments, cu_seqlens from partition_index) completed with the
     whole-sequence seg_* fields, so compute_policy_loss gives the unsplit masks and weights.
-    Every CP rank must call it (one collective), whatever it holds."""
-    import dataclasses
-
+    Every CP rank must call it (one collective), whatever it holds. Which fields the mode reads comes
+    from its registry record (cfg.needs): the counts always (aggregation, metric weights), the
+    log-ratio sum if it needs one (GSPO), the scan carries if it needs them (CPPO)."""
+    need = cfg.needs
     d = local_divergence(cfg, inputs)
     if d is None:
         d = torch.zeros_like(inputs.logprobs, dtype=torch.float64)
     log_ratio = None
-    if cfg.mode == "gspo":
+    if need.seq_log_ratio_sum:
         log_ratio = inputs.logprobs.detach().float() - inputs.anchor_logprobs(cfg.anchor).float()
     fields = cp_segment_fields(d, inputs.loss_mask, inputs.cu_seqlens, group, cfg, max_response_length,
                                log_ratio=log_ratio)
-    if cfg.mode != "cppo":   # only CPPO reads the scan fields; the counts and GSPO's sum apply to all
+    if not need.cp_scan:
         fields = {k: v for k, v in fields.items() if k in ("seg_num_tokens", "seg_log_ratio_sum")}
     return dataclasses.replace(inputs, **fields)

@@ -17,11 +17,12 @@ Conventions (all functions):
   real columns are a prefix [0, shard.valid). Only that prefix is ever read: padding gets no probability
   and a zero gradient, and no -inf mask is ever written.
 - chunking: the vocabulary pass walks `chunk_rows` tokens at a time (default: chunk_bytes(device) of
-  fp32, a per-device budget: see CHUNK_BYTES) through fp32 work buffers reused across chunks, so the extra working memory is chunk_rows * W * 4
-  bytes (split over two buffers when the entropy is needed; at least one row per buffer) whatever N is,
-  and bf16 logits are never upcast whole (T != 1 upcasts each chunk into a work buffer; at T == 1 on CPU
-  the mixed-dtype sub also makes a transient one-buffer upcast per chunk: see _shifted). Beyond that:
-  the [N, W] gradient (none with inplace_backward) and O(N * K) per-token vectors.
+  fp32, a per-device budget: see CHUNK_BYTES) through fp32 work buffers reused across chunks, so the
+  extra working memory is chunk_rows * W * 4 bytes (split over two buffers when the entropy is needed;
+  at least one row per buffer) whatever N is, and bf16 logits are never upcast whole (T != 1 upcasts
+  each chunk into a work buffer; at T == 1 on CPU the mixed-dtype sub also makes a transient one-buffer
+  upcast per chunk: see _shifted). Beyond that: the [N, W] gradient (none with inplace_backward) and
+  O(N * K) per-token vectors.
 - validation: local checks, then ONE tiny all-reduce of every rank's facts ([tp, 7] int64) before any
   other collective, so a bad argument raises the same ValueError on every rank (naming the argument and
   the rank) and no rank is left waiting in a collective. It reads values (ids' range, T > 0) on the
@@ -107,9 +108,13 @@ def _control_device(group, like: torch.Tensor) -> torch.device:
     return like.device
 
 
-def _agree(group, shard: VocabShard, logits: torch.Tensor, ids: Optional[torch.Tensor],
-           temperature: Temperature, topk: int = 0) -> torch.Tensor:
-    """Check the arguments on every rank at once; return logits as [N, W]. Raises the same error everywhere."""
+def _check_on_all_ranks(group, shard: VocabShard, logits: torch.Tensor, ids: Optional[torch.Tensor],
+                        temperature: Temperature, topk: int = 0) -> torch.Tensor:
+    """Check the arguments on every rank at once; return logits as [N, W]. Raises the same error everywhere.
+
+    Runs once per microbatch, so the ranks exchange a fixed [tp, 7] int64 tensor (error bits and the facts
+    that must agree across ranks) in one all-reduce, not pickled messages: an object collective (as the
+    checkpoint code uses once per save or load) pickles and takes two collectives, sizes then bytes."""
     rank, tp = _group_info(group)
     err, n, x = 0, -1, None
     lead = tuple(logits.shape[:-1])
@@ -397,7 +402,8 @@ def vocab_parallel_token_stats(logits: torch.Tensor, ids: torch.Tensor, shard: V
     `ids` [*, K]: any K >= 0, duplicates allowed (their gradients add up); ids on another shard arrive by
     the all-reduce. Gradient flows to `logits` through logprobs and entropy.
     """
-    x = _agree(group, shard, logits, ids, temperature) if validate else logits.view(-1, shard.width)
+    x = (_check_on_all_ranks(group, shard, logits, ids, temperature) if validate
+         else logits.view(-1, shard.width))
     lead = logits.shape[:-1]
     temp = _temp_rows(temperature, x.shape[0], x.device)
     ids2 = ids.reshape(x.shape[0], -1).long()
@@ -453,7 +459,8 @@ def vocab_parallel_topk(logits: torch.Tensor, k: int, shard: VocabShard, group, 
     on every rank. Collectives: all-reduce MAX [N], all-reduce SUM [N, 1], all-gather [N, 2k] (+ validation).
     Padding ids are never returned. Ties are broken by the smaller id among the candidates.
     """
-    x = _agree(group, shard, logits, None, temperature, topk=k) if validate else logits.view(-1, shard.width)
+    x = (_check_on_all_ranks(group, shard, logits, None, temperature, topk=k) if validate
+         else logits.view(-1, shard.width))
     lead, n, w, dev = logits.shape[:-1], x.shape[0], shard.valid, x.device
     temp = _temp_rows(temperature, n, dev)
     m_loc, s_loc, _, tv, ti = _local_stats(x, w, temp, _rows(x.shape[1], chunk_rows, 1, dev), False, topk=k)

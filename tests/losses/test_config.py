@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from megatron_rl.losses import LOSS_MODES, MODES, LossConfig
+from megatron_rl.losses import LOSS_MODES, MODES, LossConfig, LossNeeds
 
 
 def test_defaults_are_the_spec():
@@ -67,3 +67,21 @@ def test_valid_combinations():
     LossConfig(rollout_correction="icepop", anchor="old")
     LossConfig(mode="dppo_topk_kl", divergence="topk_kl")
     LossConfig(mode="ppo", divergence="binary_tv")   # D logged as a metric only
+
+
+def test_needs_come_from_the_registry():
+    """What a configuration needs is read from the mode's and divergence's registry records, not names."""
+    from megatron_rl.losses import AGG_MODES, DIVERGENCE_NAMES, DIVERGENCES
+
+    assert LossConfig(mode="ppo").needs == LossNeeds(None, 0, 0, False, False, False)
+    assert LossConfig(mode="dppo_topk_kl", topk=7).needs == LossNeeds("topk_kl", 7, 7, False, False, False)
+    assert LossConfig(mode="cppo", divergence="topk_tv", anchor="old").needs == LossNeeds(
+        "topk_tv", 20, 0, False, False, True)        # with anchor 'old' the top-K ids are not mu's
+    assert LossConfig(mode="dppo_exact_tv").needs.full_logprobs
+    assert LossConfig(mode="gspo").needs.seq_log_ratio_sum and not LossConfig(mode="gspo").needs.cp_scan
+    assert LossConfig(mode="ppo", divergence="topk_tv").needs.topk == 20     # a logged divergence counts
+    for name in DIVERGENCE_NAMES:     # one DPPO mode per divergence, defined by it
+        assert LossConfig(mode=f"dppo_{name}").needs.divergence == name
+        assert DIVERGENCES[name].topk == (LossConfig(mode=f"dppo_{name}").needs.topk > 0)
+    with pytest.raises(ValueError, match="allowed: " + ", ".join(repr(a) for a in AGG_MODES)):
+        LossConfig(loss_agg_mode="mean")

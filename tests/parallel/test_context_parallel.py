@@ -97,7 +97,7 @@ def _cppo_inside(cfg, inp):
     from megatron_rl.losses import cppo_mask
     from megatron_rl.parallel.context_parallel import local_divergence
 
-    if cfg.mode != "cppo":
+    if not cfg.needs.cp_scan:
         return None
     return cppo_mask(local_divergence(cfg, inp), inp.loss_mask, inp.cu_seqlens, delta=cfg.delta_bounds[0],
                      w_min=cfg.w_min, horizon=cfg.horizon, max_response_length=MAX_LEN,

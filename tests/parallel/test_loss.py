@@ -92,7 +92,7 @@ def _batch(n_pad: int, tp: int, group, r: int, opts: dict, cfg: LossConfig, segs
         ref_logprobs=ref.gather(1, targets[:, None])[:, 0] if cfg.kl_coef > 0 else None,
         topk_ids=topk_ids, anchor_topk_logprobs=anchor.gather(1, topk_ids),
         topk_ids_source="old" if opts.get("ids_from_old") else "rollout",
-        anchor_full_logprobs=anchor if (cfg.divergence_name or "").startswith("exact") else None)
+        anchor_full_logprobs=anchor if cfg.needs.full_logprobs else None)
     return x_full, x, shard, temp, rollout
 
 
