@@ -11,17 +11,18 @@ Per-tensor API (also used by the RL weight sync to stream learner weights in HF 
         pairs = to_hf(cfg, e, tp_shards)                  # [(hf_name, full tensor)], padding removed
 """
 
-from .families import (FAMILIES, check_source, family_of, hf_tensor_specs, model_entries, source_dtype,
-                       supported_architectures, to_hf_config, to_model_config)
+from .families import (FAMILIES, check_source, entry_of, family_of, hf_tensor_specs, model_entries,
+                       source_dtype, supported_architectures, to_hf_config, to_model_config)
 from .hf_config import SUPPORTED_ROPE, UnsupportedModelError
 from .layout import (META_FILE, WEIGHTS_DIR, check_target, export_plan, read_metadata, staging_dir,
                      weights_dir)
-from .mapping import DictSource, Entry, global_name, hf_shape, stage_of, to_hf, to_megatron, tp_split_dim
+from .mapping import (DictSource, Entry, full_shape, global_name, hf_shape, shard_full, stage_of, to_hf,
+                      to_megatron, tp_split_dim)
 from .safetensors_io import CheckpointError, HFCheckpoint, SafetensorsFile, SafetensorsWriter
 
 __all__ = ["FAMILIES", "META_FILE", "SUPPORTED_ROPE", "WEIGHTS_DIR", "CheckpointError", "DictSource", "Entry",
            "HFCheckpoint", "SafetensorsFile", "SafetensorsWriter", "UnsupportedModelError", "check_source",
-           "check_target", "export_plan", "family_of", "global_name", "hf_shape", "hf_tensor_specs",
-           "model_entries", "read_metadata", "source_dtype", "stage_of", "staging_dir",
-           "supported_architectures", "to_hf", "to_hf_config", "to_megatron", "to_model_config",
+           "check_target", "entry_of", "export_plan", "family_of", "full_shape", "global_name", "hf_shape",
+           "hf_tensor_specs", "model_entries", "read_metadata", "shard_full", "source_dtype", "stage_of",
+           "staging_dir", "supported_architectures", "to_hf", "to_hf_config", "to_megatron", "to_model_config",
            "tp_split_dim", "weights_dir"]

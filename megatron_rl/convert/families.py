@@ -12,7 +12,7 @@ from megatron_rl.model_config import ModelConfig
 
 from . import llama, mistral, qwen2, qwen3
 from .hf_config import UnsupportedModelError, common_fields, common_hf_fields
-from .mapping import Entry, TensorSource, entries, hf_shape
+from .mapping import Entry, TensorSource, entries, hf_shape, split_layer_name
 from .safetensors_io import DTYPE_STR, CheckpointError
 
 FAMILIES = {m.FAMILY: m for m in (llama, qwen2, qwen3, mistral)}
@@ -62,6 +62,25 @@ def to_hf_config(cfg: ModelConfig, source: Optional[dict] = None) -> dict:
 
 def model_entries(cfg: ModelConfig) -> list[Entry]:
     return entries(cfg, FAMILIES[cfg.family].LAYER)
+
+
+# Every family's layer tensors by Megatron suffix. megatron.init draws models whose flags no one family
+# has (the tests' Qwen2 with QK-norm) and must shard them by this mapping all the same.
+_ANY_LAYER = {suffix: (kind, hf) for fam in FAMILIES.values() for suffix, kind, hf in fam.LAYER}
+
+
+def entry_of(cfg: ModelConfig, mcore: str) -> Entry:
+    """The entry of one global Megatron name, for a model of any flags (the families' layer tables
+    together). The tied output layer is its own entry, made of the embedding."""
+    layer = split_layer_name(mcore)
+    if layer is None:
+        found = [e for e in entries(cfg, ()) if e.mcore == mcore]   # embedding, final norm, output layer
+        if found:
+            return found[0]
+    elif layer[1] in _ANY_LAYER:
+        kind, hf = _ANY_LAYER[layer[1]]
+        return Entry(mcore, kind, tuple(f"model.layers.{layer[0]}.{h}" for h in hf), layer[0])
+    raise ValueError(f"no mapping for the Megatron tensor {mcore}")
 
 
 def hf_tensor_specs(cfg: ModelConfig) -> list[tuple[str, list[int]]]:

@@ -95,13 +95,20 @@ _TE_NAMES = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.wei
              "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
 
 
+def split_layer_name(name: str) -> Optional[tuple[int, str]]:
+    """(layer index, suffix) of a decoder.layers.{i}.<suffix> name; None for the other tensors."""
+    m = _LAYER.match(name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
 def global_name(local_name: str, layer_offset: int) -> str:
     """A stage module's parameter name (local or TE spec) -> the global name used here
     (decoder.layers.{local + offset}.<local-spec suffix>)."""
-    m = _LAYER.match(local_name)
-    if not m:
+    layer = split_layer_name(local_name)
+    if layer is None:
         return local_name
-    return f"decoder.layers.{int(m.group(1)) + layer_offset}.{_TE_NAMES.get(m.group(2), m.group(2))}"
+    i, suffix = layer
+    return f"decoder.layers.{i + layer_offset}.{_TE_NAMES.get(suffix, suffix)}"
 
 
 def hf_shape(cfg: ModelConfig, hf_name: str) -> list[int]:
@@ -185,6 +192,22 @@ def to_hf(cfg: ModelConfig, entry: Entry, shards: Sequence[torch.Tensor]) -> lis
         gates, ups = zip(*(torch.chunk(s, 2, dim=0) for s in shards))
         return [(hf[0], torch.cat(gates)), (hf[1], torch.cat(ups))]
     raise ValueError(f"unknown tensor kind {kind!r} for {entry.mcore}")
+
+
+# ---------------------------------------------------------------------------------------- whole Megatron tensors
+
+def full_shape(cfg: ModelConfig, entry: Entry) -> list[int]:
+    """The shape of `entry`'s whole Megatron tensor (the TP = 1 layout, vocabulary unpadded): its HF
+    tensors fused along dim 0."""
+    shapes = [hf_shape(cfg, n) for n in entry.hf]
+    return [sum(s[0] for s in shapes)] + shapes[0][1:]
+
+
+def shard_full(cfg: ModelConfig, entry: Entry, full: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
+    """This TP rank's shard of `entry` cut from its whole Megatron tensor (the TP = 1 layout, vocabulary
+    padded or not). It goes through the HF tensors `full` is made of, so the TP layout is written once,
+    in to_megatron / to_hf."""
+    return to_megatron(cfg, entry, DictSource(dict(to_hf(cfg, entry, [full]))), tp_rank, tp)
 
 
 def tp_split_dim(entry: Entry) -> Optional[int]:

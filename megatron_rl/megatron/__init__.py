@@ -1,6 +1,7 @@
 """The megatron-core adapter: the only place (with megatron_rl.patches) that imports megatron.core.
 
-    parallel.py     ParallelState bundle, initialize_parallel (wraps megatron's parallel_state, once)
+    parallel.py     init_world (the one process-group start-up), agree (every rank raises alike),
+                    ParallelState bundle, initialize_parallel (wraps megatron's parallel_state, once)
     model.py        build_model: GPTModel from a ModelConfig (local spec on CPU, TE spec on GPU)
     init.py         layout-independent deterministic init; TP shard of a full tensor
     training.py     Float16Module + DDP + distributed optimizer (OptimConfig, build_training)

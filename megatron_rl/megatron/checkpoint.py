@@ -32,6 +32,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .parallel import agree
+from .training import unwrap
+
 MARKER = "COMPLETE.json"
 FORMAT = 1
 _SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}   # layout-independent optimizer state
@@ -111,8 +114,6 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _sharded_state(actor, is_loading: bool) -> dict:
-    from .training import unwrap
-
     model_sd = unwrap(actor.chunks[0]).sharded_state_dict()
     return {"model": model_sd,
             "optimizer": actor.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
@@ -210,19 +211,13 @@ def _verify_everywhere(path: Path) -> dict:
     ranks must load the same checkpoint: a rank passing another path is refused too."""
     paths = [None] * dist.get_world_size()
     dist.all_gather_object(paths, str(path.resolve()))
-    box = [None]
-    if dist.get_rank() == 0:
-        try:
-            if len(set(paths)) != 1:
-                raise CheckpointError(f"ranks asked to load different checkpoints: {sorted(set(paths))}")
-            box[0] = ("ok", verify_checkpoint(path))
-        except CheckpointError as e:
-            box[0] = ("error", str(e))
-    dist.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status != "ok":
-        raise CheckpointError(value)
-    return value
+
+    def verify() -> dict:
+        if len(set(paths)) != 1:
+            raise CheckpointError(f"ranks asked to load different checkpoints: {sorted(set(paths))}")
+        return verify_checkpoint(path)
+
+    return agree(verify, lambda failures: CheckpointError(failures[0].message), src=0)
 
 
 def _ensure_optimizer_state(optimizer) -> None:
@@ -268,7 +263,6 @@ def load_checkpoint(path: str | os.PathLike, actor) -> dict:
                               f"{dist.get_world_size()} ranks (bit-exact resume needs the same layout)")
     _ensure_optimizer_state(actor.optimizer)
     state = dist_checkpointing.load(_sharded_state(actor, is_loading=True), str(path))
-    from .training import unwrap
     unwrap(actor.chunks[0]).load_state_dict(state["model"], strict=True)
     actor.optimizer.load_state_dict(state["optimizer"])
     _unshare_adam_steps(actor.optimizer)

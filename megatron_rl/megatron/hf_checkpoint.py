@@ -24,11 +24,9 @@ everywhere and leaves no output.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,7 +44,8 @@ from megatron_rl.convert.safetensors_io import SafetensorsWriter, write_index
 from megatron_rl.model_config import ModelConfig
 
 from .model import build_model, layer_offset
-from .parallel import ParallelState, destroy_parallel, initialize_parallel, process_group_backend
+from .parallel import ParallelState, agree, destroy_parallel, init_world, initialize_parallel
+from .training import unwrap
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,44 +54,18 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @contextmanager
 def _process_group():
-    """Use the caller's process group; else join torchrun's (env://) or start a world of one."""
-    if dist.is_initialized():
-        yield
-        return
-    backend = process_group_backend()     # CPU tensors gather through gloo on GPU machines too
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    timeout = datetime.timedelta(minutes=30)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, timeout=timeout)  # torchrun: env:// rendezvous
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                                timeout=timeout)
+    """Use the caller's process group; else join torchrun's (env://) or start a world of one, torn down
+    again at the end."""
+    started = init_world()
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        if started:
+            dist.destroy_process_group()
 
 
-def _agree(check: Callable[[], object]):
-    """Run `check` on every rank; if it fails anywhere, raise on every rank (no rank left waiting in a
-    collective) with the failing rank's message."""
-    result, err = None, None
-    try:
-        result = check()
-    except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks
-        err = e
-    msgs = [None] * dist.get_world_size()
-    dist.all_gather_object(msgs, None if err is None else f"{type(err).__name__}: {err}")
-    if err is not None:
-        raise err
-    failed = [m for m in msgs if m is not None]
-    if failed:
-        raise CheckpointError(f"another rank refused the conversion: {failed[0]}")
-    return result
+def _refused(failures) -> CheckpointError:
+    return CheckpointError(f"another rank refused the conversion: {failures[0]}")
 
 
 def _stage_files(body: Callable[[Path], None], dst: str | Path) -> None:
@@ -103,28 +76,26 @@ def _stage_files(body: Callable[[Path], None], dst: str | Path) -> None:
     staging directory is then left as `.<name>.partial`, which nothing takes for a checkpoint and the
     next run removes."""
     rank = dist.get_rank()
-    tmp = _agree(lambda: layout.start_staging(dst) if rank == 0 else layout.staging_dir(dst))
+    tmp = agree(lambda: layout.start_staging(dst) if rank == 0 else layout.staging_dir(dst), _refused)
     error = None
     try:
-        body(tmp)
-    except Exception as e:  # noqa: BLE001 - reported after the ranks agree on the outcome
+        agree(lambda: body(tmp), lambda failures: RuntimeError(
+            f"conversion failed on rank(s) {[f.rank for f in failures]}; no output was written"))
+    except Exception as e:  # noqa: BLE001 - raised once the staging is resolved
         error = e
-    flags = [None] * dist.get_world_size()
-    dist.all_gather_object(flags, error is None)
-    outcome = [None]
-    if rank == 0:
+
+    def resolve():
+        if error is not None:
+            return layout.abandon(tmp)
         try:
-            layout.commit(tmp, dst) if all(flags) else layout.abandon(tmp)
-        except Exception as e:  # noqa: BLE001
-            outcome[0] = f"could not move {tmp} to {dst}: {e}"
-    dist.broadcast_object_list(outcome, src=0)
+            layout.commit(tmp, dst)
+        except Exception as e:  # noqa: BLE001 - the same message on every rank
+            raise RuntimeError(f"could not move {tmp} to {dst}: {e}") from e
+
+    # every rank waits for rank 0 to commit or remove the staging: none returns while it is half there
+    agree(resolve, lambda failures: RuntimeError(failures[0].message), src=0)
     if error is not None:
         raise error
-    if not all(flags):
-        raise RuntimeError(f"conversion failed on rank(s) {[r for r, ok in enumerate(flags) if not ok]}; "
-                           f"no output was written")
-    if outcome[0]:
-        raise RuntimeError(outcome[0])
 
 
 def _check_world(tp: int, pp: int) -> None:
@@ -181,7 +152,7 @@ def fill_from_hf(model, cfg: ModelConfig, ps: ParallelState, source) -> int:
     offset = layer_offset(cfg, ps)
     n = 0
     with torch.no_grad():
-        for local, param in _bare(model).named_parameters():
+        for local, param in unwrap(model).named_parameters():
             entry = by_name.get(global_name(local, offset))
             if entry is None:
                 raise RuntimeError(f"no HF mapping for Megatron parameter {global_name(local, offset)}")
@@ -209,7 +180,7 @@ def save_consuming(model, weights_path: str | Path) -> None:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
-    model = _bare(model)
+    model = unwrap(model)
     state = model.sharded_state_dict()
     apply_factories(state)
     owners = {p.untyped_storage().data_ptr(): p for p in model.parameters()}
@@ -240,7 +211,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int
             _check_world(tp, pp)
             return src, cfg
 
-        src, cfg = _agree(preflight)
+        src, cfg = agree(preflight, _refused)
 
         def body(tmp: Path):
             ps = initialize_parallel(tp=tp, pp=pp, model_cfg=cfg)
@@ -264,19 +235,12 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int
 
 # ------------------------------------------------------------------------------------------- Megatron -> HF
 
-def _bare(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def load_weights(model, ckpt_dir: str | Path) -> None:
     """Load a converted checkpoint's weights into a built model (any TP x PP layout: dist-checkpointing
     reshards; vocabulary padding rows differing between layouts are zero-filled / cut)."""
     from megatron.core import dist_checkpointing
 
-    model = _bare(model)
+    model = unwrap(model)
     state = dist_checkpointing.load(model.sharded_state_dict(), str(weights_dir(ckpt_dir)))
     model.load_state_dict(state)
 
@@ -299,7 +263,7 @@ def iter_hf_groups(model, cfg: ModelConfig, ps: ParallelState) -> Iterator[list[
     output layer's copy on the last stage is skipped (HF ties lm_head to the embedding). Works on the
     local and the transformer-engine layer specs, bare or wrapped (DDP, Float16Module)."""
     offset = layer_offset(cfg, ps)
-    params = {global_name(n, offset): p for n, p in _bare(model).named_parameters()}
+    params = {global_name(n, offset): p for n, p in unwrap(model).named_parameters()}
     for entry in model_entries(cfg):
         if not entry.export or stage_of(cfg, entry, ps.pp) != ps.pp_rank:
             continue
@@ -331,7 +295,7 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: i
             _check_world(tp, pp)
             return cfg, meta
 
-        cfg, meta = _agree(preflight)
+        cfg, meta = agree(preflight, _refused)
         ps = initialize_parallel(tp=tp, pp=pp, model_cfg=cfg)
         try:
             model = build(cfg, ps)
@@ -355,7 +319,7 @@ def export_hf(model, cfg: ModelConfig, ps: ParallelState, out_dir: str | Path, s
         layout.check_target(out_dir, overwrite, src=side_files_from)
         return hf_config, layout.export_plan(cfg, ps.pp, layout.parse_size(max_shard_size))
 
-    hf_config, plan = _agree(preflight)
+    hf_config, plan = agree(preflight, _refused)
     dtype = _DTYPES[cfg.dtype]
 
     def body(tmp: Path):
@@ -389,56 +353,57 @@ def export_hf(model, cfg: ModelConfig, ps: ParallelState, out_dir: str | Path, s
 
 # ------------------------------------------------------------------------------------------- CLIs
 
-def _cli_error(prog: str, err: Exception) -> int:
-    """Bad input: one clear line (every rank agreed on it, so rank 0 prints it), exit status 1."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-    return 1
+def _cli(argv, prog: str, description: str, source: tuple[str, str], layout_use: str,
+         add_options: Callable[[argparse.ArgumentParser], None], run: Callable[[argparse.Namespace], str]) -> int:
+    """The two CLIs' shared shape: a source directory, --out, --tp / --pp (`layout_use`: what they are
+    for), the CLI's own options, --overwrite. `run(args)` returns the success line. Bad input is one
+    clear line (every rank agreed on it, so rank 0 prints it) and exit status 1."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument(source[0], required=True, help=source[1])
+    p.add_argument("--out", required=True, help="output directory (must not hold anything unless --overwrite)")
+    p.add_argument("--tp", type=int, default=1, help=f"tensor-parallel size to {layout_use} (default 1)")
+    p.add_argument("--pp", type=int, default=1, help=f"pipeline-parallel size to {layout_use} (default 1)")
+    add_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    a = p.parse_args(argv)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        done = run(a)
+    except (CheckpointError, UnsupportedModelError, ValueError) as e:
+        if rank0:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    if rank0:
+        print(done)
+    return 0
 
 
 def hf_to_megatron_main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="convert_hf_to_megatron",
-        description="HF checkpoint (Llama 2/3.x, Qwen2/2.5, Qwen3 dense, Mistral; safetensors) -> megatron-core "
-                    "dist-checkpoint + tokenizer + metadata. Run under torchrun with tp * pp processes to "
-                    "stream: each rank reads and writes only its shards.")
-    p.add_argument("--hf-dir", required=True, help="HF checkpoint directory (config.json + safetensors)")
-    p.add_argument("--out", required=True, help="output directory (must not hold anything unless --overwrite)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to shard for (default 1)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to shard for (default 1)")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    a = p.parse_args(argv)
-    try:
+    def run(a) -> str:
         cfg = hf_to_megatron(a.hf_dir, a.out, a.tp, a.pp, overwrite=a.overwrite,
                              make_vocab_size_divisible_by=a.make_vocab_size_divisible_by)
-    except (CheckpointError, UnsupportedModelError, ValueError) as e:
-        return _cli_error(p.prog, e)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"converted {cfg.family} ({cfg.num_layers} layers, {cfg.dtype}) to {a.out} at TP{a.tp} PP{a.pp}")
-    return 0
+        return f"converted {cfg.family} ({cfg.num_layers} layers, {cfg.dtype}) to {a.out} at TP{a.tp} PP{a.pp}"
+
+    return _cli(argv, "convert_hf_to_megatron",
+                "HF checkpoint (Llama 2/3.x, Qwen2/2.5, Qwen3 dense, Mistral; safetensors) -> megatron-core "
+                "dist-checkpoint + tokenizer + metadata. Run under torchrun with tp * pp processes to "
+                "stream: each rank reads and writes only its shards.",
+                ("--hf-dir", "HF checkpoint directory (config.json + safetensors)"), "shard for",
+                lambda p: p.add_argument("--make-vocab-size-divisible-by", type=int, default=128), run)
 
 
 def megatron_to_hf_main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="convert_megatron_to_hf",
-        description="Converted (or trained) megatron_rl checkpoint -> HF safetensors (sharded, with index), "
-                    "config.json, generation_config.json and tokenizer files. Run under torchrun with "
-                    "tp * pp processes to stream.")
-    p.add_argument("--ckpt-dir", required=True, help="checkpoint directory holding megatron_rl_model.json")
-    p.add_argument("--out", required=True, help="output directory (must not hold anything unless --overwrite)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to load at (default 1)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to load at (default 1)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    a = p.parse_args(argv)
-    try:
+    def run(a) -> str:
         megatron_to_hf(a.ckpt_dir, a.out, a.tp, a.pp, overwrite=a.overwrite, max_shard_size=a.max_shard_size)
-    except (CheckpointError, UnsupportedModelError, ValueError) as e:
-        return _cli_error(p.prog, e)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"exported {a.ckpt_dir} to {a.out}")
-    return 0
+        return f"exported {a.ckpt_dir} to {a.out}"
+
+    return _cli(argv, "convert_megatron_to_hf",
+                "Converted (or trained) megatron_rl checkpoint -> HF safetensors (sharded, with index), "
+                "config.json, generation_config.json and tokenizer files. Run under torchrun with "
+                "tp * pp processes to stream.",
+                ("--ckpt-dir", "checkpoint directory holding megatron_rl_model.json"), "load at",
+                lambda p: p.add_argument("--max-shard-size", default="5GB",
+                                         help="largest safetensors file, e.g. 5GB, 500MB"), run)
 
 
 __all__ = ["build", "fill_from_hf", "gather_tp", "hf_to_megatron", "hf_to_megatron_main", "iter_hf_groups",

@@ -56,8 +56,17 @@ class Microbatch:
                           attention_mask=move(self.attention_mask), cp_index=self.cp_index,
                           cp_local_cu=move(self.cp_local_cu))
 
-    def lengths(self) -> torch.Tensor:
-        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+def row_cu_seqlens(mb: Microbatch) -> torch.Tensor:
+    """[n + 2] int64 boundaries covering all S positions of the row: the real segments plus the padding
+    tail as one more (loss-free) segment, on cu_seqlens' device; a CP split's cu_seqlens already cover its
+    row and are returned as they are. The tail is appended even when it is empty (a full row): deciding
+    would read cu_seqlens[-1], a device sync per microbatch on an accelerator, and an empty segment holds
+    no token, so neither attention nor the loss changes."""
+    cu = mb.cu_seqlens.to(torch.int64)
+    if mb.cp_index is not None:
+        return cu
+    return torch.cat([cu, torch.full((1,), mb.num_tokens, dtype=torch.int64, device=cu.device)])
 
 
 def check_budget(lengths: Sequence[int], microbatch_tokens: int, pad_multiple: int = 1) -> None:
@@ -181,9 +190,7 @@ def split_for_cp(mb: Microbatch, cp: int, cp_rank: int) -> Microbatch:
     the tail (what THD attention with CP takes), the loss uses `cp_local_cu`. Needs pad_multiple = 2 * cp packing."""
     from megatron_rl.parallel.context_parallel import partition_index
 
-    cu = mb.cu_seqlens.to(torch.int64)
-    if int(cu[-1]) < mb.num_tokens:
-        cu = torch.cat([cu, cu.new_tensor([mb.num_tokens])])
+    cu = row_cu_seqlens(mb)
     index, local_cu = partition_index(cu, cp, cp_rank)
     return Microbatch(tokens=mb.tokens[:, index], labels=mb.labels[:, index],
                       position_ids=mb.position_ids[:, index], cu_seqlens=cu.to(torch.int32), seq_ids=mb.seq_ids,

@@ -1,4 +1,10 @@
-"""The parallel-state bundle: the one place that reads megatron-core's global `parallel_state`.
+"""The process group and the parallel-state bundle: the one place that reads megatron-core's global
+`parallel_state`.
+
+    started = init_world()        # torchrun's env:// world, or a world of one (the trainer, the converters)
+    ps = initialize_parallel(tp=2, pp=1, cp=1, model_cfg=cfg)
+    value = agree(check, lambda failures: ValueError(f"rank {failures[0].rank}: {failures[0]}"))
+                                  # if `check` raised on any rank, every rank raises
 
 Library code receives a `ParallelState` and uses its groups and ranks; nothing else in megatron_rl
 calls `parallel_state.get_*`. megatron-core itself still reads its globals in places (schedules,
@@ -8,8 +14,11 @@ building groups by hand.
 
 from __future__ import annotations
 
+import datetime
+import os
+import socket
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -23,6 +32,74 @@ def process_group_backend() -> str:
     run on CPU tensors, which a plain "nccl" group rejects ("No backend type associated with device
     type cpu"); megatron-core's groups inherit both from the default group."""
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a collective waits (MEGATRON_RL_TIMEOUT_MIN, default 30 minutes): a dead rank must not hang
+    the others forever; the timeout error names the collective and the rank that raised it."""
+    return datetime.timedelta(minutes=int(os.environ.get("MEGATRON_RL_TIMEOUT_MIN", "30")))
+
+
+def init_world() -> bool:
+    """Start torch.distributed unless it already runs: torchrun's env:// rendezvous when RANK and
+    WORLD_SIZE are set, else a world of one on a free loopback port (the environment is left as it is).
+    Returns True when this call started the group: the caller then owns its teardown."""
+    if dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(process_group_backend(), timeout=collective_timeout())
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group(process_group_backend(), init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                world_size=1, timeout=collective_timeout())
+    return True
+
+
+class Failure(NamedTuple):
+    """One rank's failure, as `agree` hands it to the ranks that did not fail."""
+    rank: int
+    kind: str        # the exception's type name
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
+T = TypeVar("T")
+
+
+def agree(fn: Callable[[], T], others: Callable[[Sequence[Failure]], BaseException], *,
+          src: Optional[int] = None) -> T:
+    """Run `fn` on every rank (or on global rank `src` only, whose result every rank then receives) and
+    make its outcome everyone's: if it raised anywhere, every rank raises, so no rank is left waiting in
+    the next collective. A failing rank re-raises its own exception; the others raise
+    `others(failures)` (every failing rank, in rank order). Object collectives over the default group:
+    for small values (verdicts, plans, manifests), never tensors."""
+    result, err = None, None
+    if src is None or dist.get_rank() == src:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks
+            err = e
+    mine = None if err is None else Failure(dist.get_rank(), type(err).__name__, str(err))
+    if src is None:
+        reports = [None] * dist.get_world_size()
+        dist.all_gather_object(reports, mine)
+    else:
+        box = [(mine, result if err is None else None)]
+        dist.broadcast_object_list(box, src=src)
+        reports, shared = [box[0][0]], box[0][1]
+        result = result if dist.get_rank() == src else shared
+    if err is not None:
+        raise err
+    failures = [f for f in reports if f is not None]
+    if failures:
+        raise others(failures)
+    return result
 
 
 @dataclass(frozen=True)
@@ -54,11 +131,6 @@ class ParallelState:
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.cp * self.dp
-
-    def describe(self) -> str:
-        return (f"TP{self.tp} PP{self.pp} CP{self.cp} DP{self.dp} "
-                f"(tp_rank {self.tp_rank}, pp_rank {self.pp_rank}, cp_rank {self.cp_rank}, "
-                f"dp_rank {self.dp_rank})")
 
 
 def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,

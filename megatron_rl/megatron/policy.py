@@ -18,7 +18,7 @@ from megatron_rl.model_config import ModelConfig
 from megatron_rl.parallel.loss import vocab_parallel_policy_loss
 from megatron_rl.parallel.vocab_parallel import VocabShard, vocab_parallel_token_stats
 
-from .packing import Microbatch
+from .packing import Microbatch, row_cu_seqlens
 from .parallel import ParallelState
 
 
@@ -28,14 +28,6 @@ def _shard(model_cfg: ModelConfig, ps: ParallelState) -> VocabShard:
 
 def _tp_group(ps: ParallelState):
     return ps.tp_group if ps.tp > 1 else None
-
-
-def full_cu_seqlens(mb: Microbatch) -> torch.Tensor:
-    """The row's segments plus its padding tail as one more (loss-free) segment, covering all S tokens.
-    The tail is always appended (empty when the row is full): reading cu_seqlens[-1] to decide would be a
-    device sync per microbatch, and an empty segment has no loss token, so it changes nothing."""
-    cu = mb.cu_seqlens.to(torch.int64)
-    return torch.cat([cu, torch.full((1,), mb.num_tokens, dtype=torch.int64, device=cu.device)])
 
 
 def logprob_fn(model_cfg: ModelConfig, ps: ParallelState, temperature: float = 1.0):
@@ -77,7 +69,7 @@ def policy_loss_fn(model_cfg: ModelConfig, ps: ParallelState, loss_cfg: LossConf
 
     def fn(logits: torch.Tensor, mb: Microbatch, counts):
         f = {k: v[0] for k, v in mb.fields.items()}
-        cu = mb.cp_local_cu if mb.cp_local_cu is not None else full_cu_seqlens(mb)
+        cu = mb.cp_local_cu if mb.cp_local_cu is not None else row_cu_seqlens(mb)
         rollout = dict(tokens=mb.labels[0], rollout_logprobs=f["rollout_logprobs"].float(),
                        advantages=f["advantages"].float(), loss_mask=f["loss_mask"] != 0, cu_seqlens=cu)
         if need.topk:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from megatron_rl.model_config import ModelConfig
 
 from .model import check_layer_spec, resolve_use_te
-from .packing import Microbatch, causal_block_mask, check_budget, pack_batch, split_for_cp
+from .packing import Microbatch, causal_block_mask, check_budget, pack_batch, row_cu_seqlens, split_for_cp
 from .parallel import ParallelState
 from .training import unwrap, zero_grads
 
@@ -67,16 +67,6 @@ class StepCounts:
     num_tokens: torch.Tensor           # loss tokens in the global minibatch
     num_sequences: torch.Tensor        # sequences with at least one loss token
     max_response_length: Optional[int]
-
-
-def validate_setup(model_cfg: ModelConfig, cfg: StepConfig, max_sequence_length: int, tp: int = 1,
-                   pp: int = 1, cp: int = 1) -> None:
-    """Start-up checks, before any process group or model exists; each error names the setting."""
-    model_cfg.check_parallel(tp=tp, pp=pp)
-    if cp > 1 and cfg.microbatch_tokens % (2 * cp):
-        raise ValueError(f"microbatch_tokens={cfg.microbatch_tokens} must be a multiple of 2 x "
-                         f"context_parallel_size={cp} (Megatron's load-balanced CP split)")
-    check_budget([max_sequence_length], cfg.microbatch_tokens, 2 * cp if cp > 1 else 1)
 
 
 def shard_for_dp(samples: Sequence[Any], num_minibatches: int, dp: int, dp_rank: int) -> list:
@@ -304,13 +294,12 @@ def _model_device(chunks: list) -> torch.device:
 
 
 def _packed_seq_params(mb: Microbatch, device: Optional[torch.device] = None):
-    """THD attention (the transformer-engine spec): segments from cu_seqlens, the padding tail its own;
-    the boundaries on `device` (default: the microbatch's)."""
+    """THD attention (the transformer-engine spec): segments from cu_seqlens, the padding tail its own
+    (row_cu_seqlens); the boundaries on `device` (default: the microbatch's). Give the host microbatch:
+    max_seqlen is read from its boundaries."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    cu = mb.cu_seqlens.tolist()
-    if mb.cp_index is None and cu[-1] < mb.num_tokens:   # (under CP, cu_seqlens already cover the row)
-        cu = cu + [mb.num_tokens]
+    cu = row_cu_seqlens(mb).tolist()
     cu_t = torch.tensor(cu, dtype=torch.int32, device=mb.tokens.device if device is None else device)
     max_len = max(b - a for a, b in zip(cu[:-1], cu[1:]))
     # segments are already padded (to 2 * cp under CP), so padded and unpadded boundaries coincide

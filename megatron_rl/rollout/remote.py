@@ -56,7 +56,7 @@ ENV_RENDEZVOUS, ENV_NUM_ENGINES = "MRL_ENGINE_RENDEZVOUS", "MRL_NUM_ENGINES"   #
 _SUM_STATS = ("rollout/samples", "rollout/response_tokens", "rollout/empty_responses", "rollout/truncated")
 
 __all__ = ["RemoteConfig", "RemoteEngines", "RolloutHandle", "RemoteWeightCheck", "EngineError",
-           "start_local_engines", "kill_local_engines", "connect_engines", "weight_version"]
+           "start_local_engines", "kill_local_engines", "weight_version"]
 
 
 @dataclass(frozen=True)
@@ -177,8 +177,9 @@ class RolloutHandle:
 
 
 class RemoteEngines:
-    """Client of R engine servers. Construct on the learner's rank 0, then `connect()` (or use
-    `connect_engines` / `start_local_engines`). Not thread-safe: call it from one thread."""
+    """Client of R engine servers. Construct on the learner's rank 0, then `connect()` (multi-node:
+    `RemoteEngines(RemoteConfig.from_env(), engine_config).connect()` waits for the servers launch.sh
+    started), or use `start_local_engines`. Not thread-safe: call it from one thread."""
 
     def __init__(self, config: RemoteConfig, engine_config, processes: Sequence[subprocess.Popen] = ()):
         """Host the store at config.rendezvous and publish the settings; fast, engines not needed yet."""
@@ -433,11 +434,6 @@ class RemoteEngines:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-
-def connect_engines(config: RemoteConfig, engine_config) -> RemoteEngines:
-    """Multi-node: host the store and wait for the engine servers launch.sh started."""
-    return RemoteEngines(config, engine_config).connect()
 
 
 def start_local_engines(engine_config, num_engines: int, rendezvous: str = "127.0.0.1:0",

@@ -7,7 +7,6 @@ attention needs head_dim >= 32, hence the defaults (hidden 128, 4 heads).
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Iterable, Optional
@@ -135,7 +134,3 @@ def make_small_family(out_dir: str | Path, name: str, seed: int = 0) -> Path:
     tok = make_tiny_tokenizer(path)
     make_tiny_hf_model(family, path, vocab_size=len(tok), tokenizer=tok, seed=seed, **kwargs)
     return path
-
-
-def read_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())

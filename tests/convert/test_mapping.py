@@ -140,6 +140,26 @@ def test_weights_round_trip_bit_exactly(family, kw, tp):
     assert seen == set(tensors)
 
 
+@pytest.mark.parametrize("family,kw", [("qwen2", {"tie_word_embeddings": True}), ("qwen3", {})])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_a_whole_megatron_tensor_is_cut_like_the_hf_tensors(family, kw, tp):
+    """shard_full (what megatron.init cuts its draws with) gives to_megatron's shards, from the TP = 1
+    tensor of full_shape; entry_of finds every entry by its Megatron name."""
+    from megatron_rl.convert import entry_of, full_shape, shard_full
+
+    cfg, tensors = _tiny(family, **kw)
+    source = DictSource(tensors)
+    for e in model_entries(cfg):
+        assert entry_of(cfg, e.mcore) == e
+        whole = to_megatron(cfg, e, source, 0, 1)
+        rows = cfg.vocab_size if e.kind == "vocab" else whole.shape[0]   # full_shape: the unpadded vocabulary
+        assert full_shape(cfg, e) == [rows] + list(whole.shape[1:])
+        for r in range(tp):
+            assert torch.equal(shard_full(cfg, e, whole, r, tp), to_megatron(cfg, e, source, r, tp)), e.mcore
+    with pytest.raises(ValueError, match="no mapping for the Megatron tensor decoder.layers.0.bogus"):
+        entry_of(cfg, "decoder.layers.0.bogus")
+
+
 def test_qkv_interleaving_follows_megatron_gqa_layout():
     """8 q heads, 4 KV groups, TP 2: rank r holds groups 2r, 2r+1, each as [q, q, k, v] heads."""
     cfg, _ = _tiny("qwen2")

@@ -19,6 +19,19 @@ def model_cfg(**over) -> ModelConfig:
     return ModelConfig(**{**MODEL, **over})
 
 
+def validate_setup(model_cfg: ModelConfig, cfg, max_sequence_length: int, tp: int = 1, pp: int = 1,
+                   cp: int = 1) -> None:
+    """The megatron layer's start-up checks of a layout and a StepConfig, before any process group or
+    model exists (the trainer makes the same ones, in its own key names, in trainer/plan.py)."""
+    from megatron_rl.megatron.packing import check_budget
+
+    model_cfg.check_parallel(tp=tp, pp=pp)
+    if cp > 1 and cfg.microbatch_tokens % (2 * cp):
+        raise ValueError(f"microbatch_tokens={cfg.microbatch_tokens} must be a multiple of 2 x "
+                         f"context_parallel_size={cp} (Megatron's load-balanced CP split)")
+    check_budget([max_sequence_length], cfg.microbatch_tokens, 2 * cp if cp > 1 else 1)
+
+
 def make_samples(n: int = 8, seed: int = 0, vocab: int = 250, lo: int = 6, hi: int = 22) -> list[dict]:
     """Sequences of prompt + response with per-token fields aligned with tokens.
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .common import model_cfg
+from .common import model_cfg, validate_setup
 
 
 @pytest.mark.parametrize("tp,pp,match", [
@@ -23,7 +23,7 @@ from .common import model_cfg
 ])
 def test_bad_layout_fails_at_startup_naming_the_setting(tp, pp, match):
     from megatron_rl.megatron.parallel import initialize_parallel
-    from megatron_rl.megatron.step import StepConfig, validate_setup
+    from megatron_rl.megatron.step import StepConfig
 
     cfg = model_cfg(num_attention_heads=6, num_query_groups=2, hidden_size=96)
     with pytest.raises(ValueError, match=match):
@@ -34,7 +34,7 @@ def test_bad_layout_fails_at_startup_naming_the_setting(tp, pp, match):
 
 def test_budget_smaller_than_longest_sequence_fails_naming_the_setting():
     from megatron_rl.megatron.packing import pack_batch
-    from megatron_rl.megatron.step import StepConfig, validate_setup
+    from megatron_rl.megatron.step import StepConfig
 
     cfg = model_cfg()
     with pytest.raises(ValueError, match="microbatch_tokens=32 is smaller than the longest sequence"):
@@ -77,6 +77,17 @@ def test_packing_keeps_sequences_whole_and_shifts_fields():
     allowed = ~mask
     assert allowed[1, 0] and not allowed[2, 1] and allowed[4, 2] and not allowed[2, 4]
     assert allowed[5, 5] and not allowed[5, 4]          # the padding tail attends only within itself
+
+
+def test_row_cu_seqlens_cover_the_row_with_the_padding_tail():
+    from megatron_rl.megatron.packing import pack_batch, row_cu_seqlens, split_for_cp
+
+    part, full = (pack_batch([{"tokens": torch.arange(n)} for n in lengths], 12, pad_multiple=4)[0]
+                  for lengths in ([3, 4], [6, 3]))
+    assert row_cu_seqlens(part).tolist() == [0, 4, 8, 12] and row_cu_seqlens(part).dtype == torch.int64
+    assert row_cu_seqlens(full).tolist() == [0, 8, 12, 12]     # a full row: an empty tail (no device read)
+    cp = split_for_cp(part, 2, 0)
+    assert cp.cu_seqlens.tolist() == [0, 4, 8, 12] and row_cu_seqlens(cp).tolist() == [0, 4, 8, 12]
 
 
 def test_rope_inv_freq_matches_transformers():

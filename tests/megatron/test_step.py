@@ -183,7 +183,7 @@ def packed_vs_unpacked(cfg, ps):
 
 
 def body(rank, world, layouts, ref, export_root=None):
-    from megatron_rl.megatron.init import global_name, shard_of_full
+    from megatron_rl.megatron.init import canonical_name, shard_of_full
     from megatron_rl.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_rl.megatron.training import unwrap
 
@@ -202,20 +202,20 @@ def body(rank, world, layouts, ref, export_root=None):
                     extra["export"] = _export(model, cfg, ps, Path(export_root) / f"tied_tp{tp}_pp{pp}")
                 key = (tp, pp, ps.dp, tied) + case
                 if ref is None:
-                    out[key] = (metrics, {global_name(n, cfg, ps): p.detach().float().clone() for n, p in params},
+                    out[key] = (metrics, {canonical_name(n, cfg, ps): p.detach().float().clone() for n, p in params},
                                 extra)
                     continue
                 r_metrics, r_params, r_extra = ref[_ref_case(tied, case)]
                 diff = 0.0
                 for n, p in params:
-                    want = shard_of_full(n, p, r_params[global_name(n, cfg, ps)], cfg, ps)
+                    want = shard_of_full(n, r_params[canonical_name(n, cfg, ps)], cfg, ps)
                     diff = max(diff, float((p.detach().float() - want).abs().max()))
                 if "grads" in extra:   # per optimizer step, every local parameter vs the reference's
                     gaps = {}
                     for mine, theirs in zip(extra.pop("grads"), r_extra["grads"], strict=True):
                         for n, p in params:
-                            g = global_name(n, cfg, ps)
-                            gap = float((mine[n] - shard_of_full(n, p, theirs[g], cfg, ps)).abs().max())
+                            g = canonical_name(n, cfg, ps)
+                            gap = float((mine[n] - shard_of_full(n, theirs[g], cfg, ps)).abs().max())
                             gaps[g] = max(gaps.get(g, 0.0), gap)
                     extra["grad_gaps"] = gaps
                 out[key] = (metrics, r_metrics, diff, extra)
