@@ -151,15 +151,18 @@ def _fields(inputs: PolicyInputs) -> dict:
 
 
 def _samples(topk: int = 3):
+    from megatron_rl.megatron.packing import TrainingSample
+
     gen = torch.Generator().manual_seed(1)
     out = []
     for length in (9, 14, 7):
         m = torch.zeros(length)
         m[3:] = 1.0
-        out.append(dict(tokens=torch.randint(0, 50, (length,), generator=gen), loss_mask=m,
-                        advantages=torch.full((length,), 0.5), rollout_logprobs=-torch.rand(length, generator=gen),
-                        topk_ids=torch.randint(0, 50, (length, topk), generator=gen),
-                        topk_logprobs=-torch.rand(length, topk, generator=gen) - 1.0))
+        out.append(TrainingSample(tokens=torch.randint(0, 50, (length,), generator=gen), loss_mask=m,
+                                  advantages=torch.full((length,), 0.5),
+                                  rollout_logprobs=-torch.rand(length, generator=gen),
+                                  rollout_topk_ids=torch.randint(0, 50, (length, topk), generator=gen),
+                                  rollout_topk_logprobs=-torch.rand(length, topk, generator=gen) - 1.0))
     return out
 
 

@@ -80,3 +80,27 @@ def test_import_layering():
 def test_every_subpackage_has_a_rule():
     subs = {_subpackage(p) for p in PKG.rglob("*.py")} - {""}
     assert subs <= set(INTERNAL), f"add a layering rule for {sorted(subs - set(INTERNAL))}"
+
+
+LOOP = PKG / "trainer" / "loop.py"
+
+
+def test_the_loop_reaches_megatron_only_through_the_learner():
+    """trainer/loop.py imports nothing of megatron_rl.megatron (nor megatron itself), at any level:
+    everything Megatron goes through trainer/learner.py's Learner."""
+    def megatron(name: str) -> bool:
+        return name.split(".")[0] == "megatron" or name.split(".")[:2] == ["megatron_rl", "megatron"]
+
+    found = [f"trainer/loop.py:{lineno} imports {name}" for lineno, name in _imports(LOOP) if megatron(name)]
+    # `from megatron_rl import megatron` names the subpackage in the imported names, not the module
+    found += [f"trainer/loop.py:{node.lineno} imports megatron_rl.megatron" for node in ast.walk(ast.parse(
+              LOOP.read_text())) if isinstance(node, ast.ImportFrom) and node.module == "megatron_rl"
+              and any(a.name == "megatron" for a in node.names)]
+    assert not found, "\n".join(found)
+
+
+def test_the_train_loop_fits_a_screen():
+    tree = ast.parse(LOOP.read_text())
+    (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train"]
+    lines = fn.end_lineno - fn.lineno + 1
+    assert lines <= 60, f"trainer/loop.py::train is {lines} lines; it should read as one screen of verbs"

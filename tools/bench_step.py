@@ -40,6 +40,8 @@ def _loss_cfg(mode, topk):
 def _samples(n, seq, vocab, topk, seed=0):
     import torch
 
+    from megatron_rl.megatron.packing import TrainingSample
+
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
@@ -47,11 +49,11 @@ def _samples(n, seq, vocab, topk, seed=0):
         mask = torch.zeros(L)
         mask[L // 4:] = 1
         probs = torch.softmax(torch.randn(L, topk, generator=g), -1) * 0.5
-        out.append(dict(tokens=torch.randint(0, vocab, (L,), generator=g), loss_mask=mask,
-                        advantages=torch.full((L,), float(torch.randn(1, generator=g))),
-                        rollout_logprobs=(torch.rand(L, generator=g) * 0.5 + 1e-3).log(),
-                        topk_ids=torch.randint(0, vocab, (L, topk), generator=g),
-                        topk_logprobs=probs.sort(-1, descending=True)[0].log()))
+        out.append(TrainingSample(tokens=torch.randint(0, vocab, (L,), generator=g), loss_mask=mask,
+                                  advantages=torch.full((L,), float(torch.randn(1, generator=g))),
+                                  rollout_logprobs=(torch.rand(L, generator=g) * 0.5 + 1e-3).log(),
+                                  rollout_topk_ids=torch.randint(0, vocab, (L, topk), generator=g),
+                                  rollout_topk_logprobs=probs.sort(-1, descending=True)[0].log()))
     return out
 
 
@@ -94,7 +96,7 @@ def worker(args) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     dist.destroy_process_group()
     return {"times": times, "peak_rss_mb": peak / 1024, "extra_rss_mb": (peak - base) / 1024,
-            "tokens": sum(int(s["tokens"].numel()) for s in samples)}
+            "tokens": sum(s.length for s in samples)}
 
 
 def main():

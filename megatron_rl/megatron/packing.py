@@ -1,8 +1,8 @@
 """Sequence packing: whole sequences into fixed-size microbatch rows by a token budget (THD layout).
 
-A sample is one sequence (prompt + response) as a dict of per-token tensors aligned with `tokens`
-(value i belongs to token i): `tokens` [L] is required; every other field ([L] or [L, K]: loss_mask,
-advantages, rollout_logprobs, topk ids/logprobs...) travels with it. Packing shifts them by one so that
+A sample is one sequence (prompt + response), a `TrainingSample`: per-token tensors aligned with `tokens`
+(value i belongs to token i), each named once for what it is (`rollout_*` mu's, `old_*` pi_old's, `ref_*`
+the reference's, the names PolicyInputs uses). Every field present travels with the tokens. Packing shifts them by one so that
 row position j (whose logits predict token j + 1 of its segment) holds the values of token j + 1; the
 last position of each segment and the padding tail get zeros (so a loss_mask there is 0).
 
@@ -23,12 +23,49 @@ whole row to the model's device in one go), never on an implicit default.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
-Sample = dict  # str -> Tensor, first dim = sequence length
+
+@dataclass
+class TrainingSample:
+    """One sequence for training: the one record from the rollout batch to the loss's PolicyInputs.
+
+    Per token, aligned with `tokens` [L] (value i belongs to token i; the prompt's positions hold finite
+    placeholders, never read: loss_mask is 0 there). Only `tokens` is needed to pack; the policy loss
+    needs loss_mask, advantages and rollout_logprobs, and the fields its mode asks for.
+    """
+
+    tokens: torch.Tensor                                 # [L] int64, prompt + response
+    loss_mask: Optional[torch.Tensor] = None             # [L] 0/1: 1 on generated response tokens
+    advantages: Optional[torch.Tensor] = None            # [L] float32, the sequence's advantage
+    rollout_logprobs: Optional[torch.Tensor] = None      # [L] float32, mu(a_t) as the engine sampled it
+    rollout_topk_ids: Optional[torch.Tensor] = None      # [L, K] int64, mu's top-K ids (top-K divergences)
+    rollout_topk_logprobs: Optional[torch.Tensor] = None  # [L, K] float32, mu's log-probs at them
+    old_logprobs: Optional[torch.Tensor] = None          # [L] float32, pi_old(a_t) (anchor 'old')
+    ref_logprobs: Optional[torch.Tensor] = None          # [L] float32, the reference's (KL term)
+
+    def __post_init__(self):
+        if not isinstance(self.tokens, torch.Tensor) or self.tokens.dim() != 1:
+            raise ValueError(f"TrainingSample.tokens: expected a tensor [L], got "
+                             f"{tuple(getattr(self.tokens, 'shape', ())) or type(self.tokens).__name__}")
+        n = self.tokens.shape[0]
+        for name, value in self.per_token().items():
+            if not isinstance(value, torch.Tensor) or value.dim() < 1 or value.shape[0] != n:
+                raise ValueError(f"TrainingSample.{name}: expected a tensor [{n}, ...] aligned with tokens, got "
+                                 f"{tuple(getattr(value, 'shape', ())) or type(value).__name__}")
+
+    @property
+    def length(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def per_token(self) -> dict[str, torch.Tensor]:
+        """The fields present, other than tokens, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "tokens" and getattr(self, f.name) is not None}
 
 
 @dataclass
@@ -139,30 +176,29 @@ def causal_block_mask(cu_seqlens: torch.Tensor, total: int, device: Optional[tor
     return (~allowed)[None, None]
 
 
-def pack(samples: Sequence[Sample], indices: Sequence[int], microbatch_tokens: int, *,
+def pack(samples: Sequence[TrainingSample], indices: Sequence[int], microbatch_tokens: int, *,
          cpu_attention_mask: bool = True, pad_multiple: int = 1) -> Microbatch:
     """One microbatch row from samples[indices] (whole sequences, in order)."""
     S = microbatch_tokens
-    dev = samples[indices[0]]["tokens"].device if len(indices) else torch.device("cpu")
+    dev = samples[indices[0]].tokens.device if len(indices) else torch.device("cpu")
     tokens = torch.zeros(S, dtype=torch.int64, device=dev)
     labels = torch.zeros(S, dtype=torch.int64, device=dev)
-    names = sorted({k for i in indices for k in samples[i] if k != "tokens"})
+    present = [samples[i].per_token() for i in indices]
+    names = sorted({k for p in present for k in p})
     fields: dict[str, torch.Tensor] = {}
     bounds = [0]
-    for i in indices:
+    for i, per_token in zip(indices, present):
         s = samples[i]
-        L = int(s["tokens"].shape[0])
+        L = s.length
         a = bounds[-1]
         if a + _padded(L, pad_multiple) > S:
             raise ValueError(f"microbatch_tokens={S}: sequences {list(indices)} do not fit one row")
-        tokens[a:a + L] = s["tokens"]
-        labels[a:a + L - 1] = s["tokens"][1:]
+        tokens[a:a + L] = s.tokens
+        labels[a:a + L - 1] = s.tokens[1:]
         for k in names:
-            v = s.get(k)
+            v = per_token.get(k)
             if v is None:
                 raise ValueError(f"sample {i} lacks field {k!r} that other samples of the batch carry")
-            if int(v.shape[0]) != L:
-                raise ValueError(f"sample {i}: field {k!r} has length {v.shape[0]}, tokens have {L}")
             if k not in fields:
                 fields[k] = torch.zeros((S,) + tuple(v.shape[1:]), dtype=v.dtype, device=dev)
             fields[k][a:a + L - 1] = v[1:]   # position j holds the values of token j + 1 (its target)
@@ -175,10 +211,10 @@ def pack(samples: Sequence[Sample], indices: Sequence[int], microbatch_tokens: i
         attention_mask=causal_block_mask(cu, S) if cpu_attention_mask else None)
 
 
-def pack_batch(samples: Sequence[Sample], microbatch_tokens: int, num_microbatches: Optional[int] = None, *,
-               cpu_attention_mask: bool = True, pad_multiple: int = 1) -> list[Microbatch]:
+def pack_batch(samples: Sequence[TrainingSample], microbatch_tokens: int, num_microbatches: Optional[int] = None,
+               *, cpu_attention_mask: bool = True, pad_multiple: int = 1) -> list[Microbatch]:
     """All of `samples` into microbatches (see plan_microbatches)."""
-    plan = plan_microbatches([int(s["tokens"].shape[0]) for s in samples], microbatch_tokens,
+    plan = plan_microbatches([s.length for s in samples], microbatch_tokens,
                              num_microbatches, pad_multiple)
     return [pack(samples, idx, microbatch_tokens, cpu_attention_mask=cpu_attention_mask,
                  pad_multiple=pad_multiple) for idx in plan]

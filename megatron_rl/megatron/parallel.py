@@ -40,10 +40,13 @@ def collective_timeout() -> datetime.timedelta:
     return datetime.timedelta(minutes=int(os.environ.get("MEGATRON_RL_TIMEOUT_MIN", "30")))
 
 
-def init_world() -> bool:
+def init_world(export_env: bool = False) -> bool:
     """Start torch.distributed unless it already runs: torchrun's env:// rendezvous when RANK and
-    WORLD_SIZE are set, else a world of one on a free loopback port (the environment is left as it is).
-    Returns True when this call started the group: the caller then owns its teardown."""
+    WORLD_SIZE are set, else a world of one on a free loopback port. export_env: a world of one also
+    writes MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE / LOCAL_RANK, so the processes the trainer starts
+    (rollout engines) see the same torchrun-shaped environment as under torchrun; otherwise the
+    environment is left as it is. Returns True when this call started the group: the caller then owns its
+    teardown."""
     if dist.is_initialized():
         return False
     if torch.cuda.is_available():
@@ -54,6 +57,9 @@ def init_world() -> bool:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+        if export_env:
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                              LOCAL_RANK="0")
         dist.init_process_group(process_group_backend(), init_method=f"tcp://127.0.0.1:{port}", rank=0,
                                 world_size=1, timeout=collective_timeout())
     return True

@@ -44,7 +44,7 @@ def policy_loss_fn(model_cfg: ModelConfig, ps: ParallelState, loss_cfg: LossConf
                    inplace_backward: bool = True, validate: bool = True):
     """The configured policy loss on one microbatch: megatron_rl.parallel.vocab_parallel_policy_loss fed
     from the microbatch. Fields read (aligned with the labels by packing): loss_mask, advantages,
-    rollout_logprobs; old_logprobs (anchor 'old'); topk_ids and topk_logprobs (the rollout's top-K of mu,
+    rollout_logprobs; old_logprobs (anchor 'old'); rollout_topk_ids and rollout_topk_logprobs (mu's top-K,
     for top-K divergences); ref_logprobs (kl_coef > 0). Under CP, the loss's CP hook gets the CP group.
 
     inplace_backward (default True): the vocabulary pass writes the logits' gradient over the logits, as
@@ -73,10 +73,11 @@ def policy_loss_fn(model_cfg: ModelConfig, ps: ParallelState, loss_cfg: LossConf
         rollout = dict(tokens=mb.labels[0], rollout_logprobs=f["rollout_logprobs"].float(),
                        advantages=f["advantages"].float(), loss_mask=f["loss_mask"] != 0, cu_seqlens=cu)
         if need.topk:
-            if "topk_ids" not in f:
-                raise ValueError(f"LossConfig.mode={loss_cfg.mode!r}: samples need `topk_ids` and "
-                                 f"`topk_logprobs` (the rollout's top-K)")
-            rollout.update(topk_ids=f["topk_ids"].long(), anchor_topk_logprobs=f["topk_logprobs"].float())
+            if "rollout_topk_ids" not in f:
+                raise ValueError(f"LossConfig.mode={loss_cfg.mode!r}: samples need `rollout_topk_ids` and "
+                                 f"`rollout_topk_logprobs` (the rollout's top-K of mu)")
+            rollout.update(topk_ids=f["rollout_topk_ids"].long(),
+                           anchor_topk_logprobs=f["rollout_topk_logprobs"].float())
         for k in ("old_logprobs", "ref_logprobs"):
             if k in f:
                 rollout[k] = f[k].float()

@@ -9,7 +9,7 @@ packed rows reach attention: THD `packed_seq_params` for the transformer-engine 
 causal mask for the local spec, on CPU and on GPU alike. Microbatches move to the device of the model's
 parameters.
 
-Data: `local_samples` are this DP rank's sequences (dicts of per-token tensors, see packing.py), in
+Data: `local_samples` are this DP rank's sequences (packing.TrainingSample), in
 minibatch order: `shard_for_dp` cuts a global rollout batch so that every layout takes the same
 global minibatch at each optimizer step. Every TP / PP / CP rank of one DP replica gets the same list.
 
@@ -35,7 +35,8 @@ import torch.distributed as dist
 from megatron_rl.model_config import ModelConfig
 
 from .model import check_layer_spec, resolve_use_te
-from .packing import Microbatch, causal_block_mask, check_budget, pack_batch, row_cu_seqlens, split_for_cp
+from .packing import (Microbatch, TrainingSample, causal_block_mask, check_budget, pack_batch, row_cu_seqlens,
+                      split_for_cp)
 from .parallel import ParallelState
 from .training import unwrap, zero_grads
 
@@ -84,13 +85,13 @@ def shard_for_dp(samples: Sequence[Any], num_minibatches: int, dp: int, dp_rank:
     return out
 
 
-def local_counts(samples: Sequence[dict]) -> torch.Tensor:
+def local_counts(samples: Sequence[TrainingSample]) -> torch.Tensor:
     """[2] int64: (loss tokens, sequences with a loss token) of these samples. A sample's loss_mask is
     aligned with its tokens; the first token can never be a target, so it is excluded like packing does."""
     tokens = seqs = 0
     for s in samples:
-        m = s.get("loss_mask")
-        k = int((m[1:] != 0).sum()) if m is not None else int(s["tokens"].shape[0]) - 1
+        m = s.loss_mask
+        k = int((m[1:] != 0).sum()) if m is not None else s.length - 1
         tokens += k
         seqs += int(k > 0)
     # host counters: reduced over the DP group's gloo side (cpu:gloo,cuda:nccl on GPU)
@@ -114,11 +115,11 @@ class Actor:
         self._pad_multiple = 2 * ps.cp if ps.cp > 1 else 1
 
     # ---- data ------------------------------------------------------------------------------------
-    def check_samples(self, samples: Sequence[dict]) -> None:
-        check_budget([int(s["tokens"].shape[0]) for s in samples], self.cfg.microbatch_tokens,
+    def check_samples(self, samples: Sequence[TrainingSample]) -> None:
+        check_budget([s.length for s in samples], self.cfg.microbatch_tokens,
                      self._pad_multiple)
 
-    def microbatches(self, samples: Sequence[dict]) -> list[Microbatch]:
+    def microbatches(self, samples: Sequence[TrainingSample]) -> list[Microbatch]:
         # host rows without a mask: the local spec's [S, S] mask is built per forward on the model's
         # device (_model_inputs); the TE spec takes cu_seqlens (THD) instead and needs none
         mbs = pack_batch(samples, self.cfg.microbatch_tokens, self.cfg.num_microbatches,
@@ -139,7 +140,7 @@ class Actor:
             mb = dataclasses.replace(mb, attention_mask=mask)
         return mb, kwargs
 
-    def _global_counts(self, samples: Sequence[dict]) -> StepCounts:
+    def _global_counts(self, samples: Sequence[TrainingSample]) -> StepCounts:
         c = local_counts(samples)
         if self.ps.dp > 1:   # CP ranks hold the same sequences: the DP group (without CP) is the sum
             dist.all_reduce(c, group=self.ps.dp_group)
@@ -174,7 +175,7 @@ class Actor:
                        micro_batch_size=1, forward_only=forward_only)
 
     # ---- public ----------------------------------------------------------------------------------
-    def train_minibatch(self, samples: Sequence[dict]) -> dict:
+    def train_minibatch(self, samples: Sequence[TrainingSample]) -> dict:
         """One optimizer step on this rank's share of one global minibatch."""
         self.check_samples(samples)
         self._counts = self._global_counts(samples)
@@ -188,7 +189,7 @@ class Actor:
         self.consumed_samples += int(self._counts_sequences_total(samples))
         return self._summarise(reports, ok, grad_norm)
 
-    def train_on_rollout(self, samples: Sequence[dict]) -> list[dict]:
+    def train_on_rollout(self, samples: Sequence[TrainingSample]) -> list[dict]:
         """cfg.num_minibatches optimizer steps over this rank's rollout share (see shard_for_dp).
 
         The anchor log-probs (rollout_logprobs, or old_logprobs computed by `compute_logprobs` before
@@ -203,7 +204,7 @@ class Actor:
         return [self.train_minibatch(samples[i * per:(i + 1) * per]) for i in range(k)]
 
     @torch.no_grad()
-    def compute_logprobs(self, samples: Sequence[dict], logprob_fn: Callable) -> Optional[list]:
+    def compute_logprobs(self, samples: Sequence[TrainingSample], logprob_fn: Callable) -> Optional[list]:
         """Forward only over `samples` at the current parameters; returns per-sample tensors aligned with
         tokens (value i = log p(token i), 0 at i = 0) on the LAST pipeline stage, None elsewhere.
         `logprob_fn(logits [S, V/tp], mb) -> [S]` per-position log-probs of the labels (e.g. pi_old)."""
@@ -230,12 +231,12 @@ class Actor:
         if not self.ps.is_last_stage:
             return None
         result: list = [None] * len(samples)
-        home = samples[0]["tokens"].device if samples else torch.device("cpu")
+        home = samples[0].tokens.device if samples else torch.device("cpu")
         for mb, lp in outs:
             bounds = mb.cu_seqlens.tolist()
             lp = lp.float().to(home)   # one copy per row: results live with the samples (the host)
             for j, i in enumerate(mb.seq_ids.tolist()):
-                L = int(samples[i]["tokens"].shape[0])
+                L = samples[i].length
                 seg = lp[bounds[j]:bounds[j] + L - 1]
                 result[i] = torch.cat([seg.new_zeros(1), seg])   # realign with tokens
         return result

@@ -1,14 +1,26 @@
-"""The RLVR job's configuration: YAML over these dataclasses, validated once at start-up.
+"""The RLVR job's configuration: YAML over these dataclasses, validated at start-up before anything runs.
 
     cfg = load_rl_config("examples/tiny_cpu/config.yaml", ["train.steps=5", "loss.mode=cppo"])
+    cfg.check_startup(world_size)     # train() runs this first, on every rank
 
-Each section validates its own fields (errors name `section.key`); `RLConfig.__post_init__` checks what
-spans sections (a top-K loss needs the engine to return top-K log-probs, ...). Layout checks against the
-model (TP dividing heads, ...) need the model config and run in `check_layout`.
+Each component owns its section and takes it as it is (no copy field by field): the prompt data set
+`data` (trainer.data.DataConfig), the tracker `logging` (utils.tracking.TrackingConfig), the advantages
+`advantage` (trainer.advantages.AdvantageConfig), the losses `loss` (losses.LossConfig); the sections
+defined here are read by the learner (model, parallel, train, checkpoint) and the rollout side (rollout,
+reward). The megatron and vLLM objects that take their own typed configs get them built in one place
+each (trainer/learner.py: OptimConfig, StepConfig; trainer/rollouts.py: EngineConfig).
+
+Validation, every error naming `section.key`, in two passes with nothing expensive in between:
+    loading         each section's fields (its __post_init__), then what spans sections
+                    (RLConfig.__post_init__: the loss against the rollout, sequence parallel rows, ...)
+    check_startup   what needs more than the config: the model's config file (read, never converted),
+                    the layout against it and the world size (check_layout, also the planner's), the
+                    machine (check_hardware), the placement's environment, the data file, the reward's import
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +28,10 @@ from typing import Literal, Optional
 
 from megatron_rl.losses import LossConfig
 from megatron_rl.model_config import ModelConfig
+from megatron_rl.trainer.advantages import AdvantageConfig
+from megatron_rl.trainer.data import DataConfig
 from megatron_rl.utils.config import load_dataclass
+from megatron_rl.utils.tracking import TrackingConfig
 
 
 def _positive(section, **values):
@@ -35,6 +50,30 @@ class ModelSection:
         if not self.checkpoint and not self.hf_path:
             raise ValueError("`model.checkpoint` or `model.hf_path` must be set")
 
+    @property
+    def hf_dir(self) -> Path:
+        """The HF model directory the engines and the tokenizer load (a converted checkpoint's `hf/`
+        when only model.checkpoint is given)."""
+        return Path(self.hf_path) if self.hf_path else Path(self.checkpoint) / "hf"
+
+    def read_model_config(self) -> ModelConfig:
+        """The model's shape, read from its config file without converting anything (start-up checks):
+        the converted checkpoint's metadata, else the HF config.json. Errors name the key."""
+        from megatron_rl.convert import read_metadata, to_model_config
+
+        hf_key = "model.hf_path" if self.hf_path else "model.checkpoint"
+        config_json = self.hf_dir / "config.json"
+        if not config_json.is_file():   # the engines and the tokenizer start from this directory
+            raise ValueError(f"`{hf_key}`: {self.hf_dir} holds no config.json (the HF model the rollout engines "
+                             f"and the tokenizer load){'; set model.hf_path' if not self.hf_path else ''}")
+        try:
+            if self.checkpoint:
+                return read_metadata(self.checkpoint)[0]
+            return to_model_config(json.loads(config_json.read_text()), dtype=self.dtype)
+        except (ValueError, RuntimeError, KeyError) as e:   # not a converted checkpoint / an unsupported model
+            key = "model.checkpoint" if self.checkpoint else "model.hf_path"
+            raise ValueError(f"`{key}`: {e}") from e
+
 
 @dataclass
 class ParallelSection:
@@ -42,7 +81,7 @@ class ParallelSection:
     pipeline: int = 1
     context: int = 1              # data parallel = world size / (tensor * pipeline * context)
     # shard the norm / dropout regions' activations along the sequence over the TP group (Megatron SP);
-    # GPU only: it needs the transformer-engine layer spec (checked at start-up, build_learner)
+    # GPU only: it needs the transformer-engine layer spec (RLConfig.check_hardware, at start-up)
     sequence_parallel: bool = False
 
     def __post_init__(self):
@@ -105,6 +144,8 @@ class RolloutSection:
         if self.max_off_policy_lag not in (0, 1):
             raise ValueError("`rollout.max_off_policy_lag` must be 0 or 1")
         if self.max_off_policy_lag and self.placement != "disaggregated":
+            # the only check: a colocated engine cannot generate while the learner trains (it has no
+            # `submit`), and RolloutQueue relies on this
             raise ValueError("`rollout.max_off_policy_lag` = 1 needs `rollout.placement: disaggregated`")
         if self.engine_nodes < 0:
             raise ValueError(f"`rollout.engine_nodes` must be >= 0, got {self.engine_nodes}")
@@ -114,30 +155,17 @@ class RolloutSection:
 
 
 @dataclass
-class DataSection:
-    train_path: str = ""          # JSONL or Parquet
-    prompt_key: str = "prompt"
-    answer_key: str = "answer"
-    on_bad_line: Literal["error", "skip"] = "error"
-    shuffle: bool = True
-    seed: int = 0
-    system_prompt: Optional[str] = None
-
-    def __post_init__(self):
-        if not self.train_path:
-            raise ValueError("`data.train_path` must name a JSONL or Parquet file")
-
-
-@dataclass
 class RewardSection:
-    fn: str = "math"              # math | exact_match | "package.module:function"
+    fn: str = "math"              # math | exact_match | boxed_format | "package.module:function"
 
+    def check(self) -> None:
+        """The function resolves (a user module imports and has it), before anything starts."""
+        from megatron_rl.rewards.base import resolve_reward
 
-@dataclass
-class AdvantageSection:
-    estimator: Literal["grpo", "rloo"] = "grpo"
-    std_normalize: bool = False   # off in both papers' scripts
-    drop_uniform_groups: bool = False   # DAPO dynamic sampling
+        try:
+            resolve_reward(self.fn)
+        except ValueError as e:
+            raise ValueError(f"`reward.fn`: {e}") from e
 
 
 @dataclass
@@ -153,7 +181,7 @@ class TrainSection:
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    clip_grad: float = 1.0
+    clip_grad: float = 1.0        # max global grad norm; 0 disables clipping
     seed: int = 1234
 
     def __post_init__(self):
@@ -161,6 +189,13 @@ class TrainSection:
                   minibatches=self.minibatches, micro_batch_tokens=self.micro_batch_tokens)
         if self.lr <= 0:
             raise ValueError(f"`train.lr` must be > 0, got {self.lr}")
+        # the optimizer would refuse these too, but only once the model is converted and built
+        for key in ("weight_decay", "clip_grad"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"`train.{key}` must be >= 0, got {getattr(self, key)}")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"`train.{key}` must be in [0, 1), got {getattr(self, key)}")
 
 
 @dataclass
@@ -176,28 +211,18 @@ class CheckpointSection:
 
 
 @dataclass
-class LoggingSection:
-    tensorboard: bool = True
-    jsonl: bool = True
-    wandb: bool = False
-    wandb_project: str = "megatron_rl"
-    progress: bool = True
-    plot: bool = True
-
-
-@dataclass
 class RLConfig:
     model: ModelSection
-    data: DataSection
+    data: DataConfig
     run_dir: str = "runs/default"
     parallel: ParallelSection = field(default_factory=ParallelSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
     reward: RewardSection = field(default_factory=RewardSection)
-    advantage: AdvantageSection = field(default_factory=AdvantageSection)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
+    logging: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
         p, mbt = self.parallel, self.train.micro_batch_tokens
@@ -206,26 +231,60 @@ class RLConfig:
             raise ValueError(f"`train.micro_batch_tokens` = {mbt} must be a multiple of parallel.tensor x "
                              f"parallel.context = {p.tensor * p.context} with `parallel.sequence_parallel` "
                              f"(each row is split along the sequence over the tensor-parallel ranks)")
+        self._check_loss()
+
+    def _check_loss(self) -> None:
+        """The loss settings the job cannot feed, refused at load (the Megatron step would refuse them
+        only at the first training step, after the conversion and the first generation)."""
+        loss, needs = self.loss, self.loss.needs
+        chosen = f"`loss.mode` = {loss.mode!r}" + (f", `loss.divergence` = {loss.divergence!r}" if loss.divergence
+                                                     else "")
+        if needs.topk and loss.anchor == "old":
+            # the divergence would be taken over pi_old's top-K ids (algorithms.md Sec. 3), and the trainer
+            # computes pi_old's log-probs of the sampled tokens only; the engine's top-K is mu's
+            raise ValueError(f"{chosen} measures the top-K divergence {needs.divergence!r}, which with "
+                             f"`loss.anchor: old` needs pi_old's top-K ids per token; the trainer does not compute "
+                             f"them (the engines return mu's). Set loss.anchor: rollout, or a divergence without "
+                             f"top-K (loss.mode: dppo_binary_tv / dppo_binary_kl, or loss.divergence: binary_tv "
+                             f"/ binary_kl)")
+        if needs.full_logprobs:
+            raise ValueError(f"{chosen} needs the full-vocabulary divergence {needs.divergence!r}, a single-process "
+                             f"test oracle the training job does not run; use its top-K or binary form "
+                             f"(e.g. loss.mode: dppo_topk_tv or dppo_binary_tv)")
+
+    @property
+    def logprobs_topk(self) -> int:
+        """How many top-K log-probs per token the engines must return (0 = only the sampled token's)."""
+        return self.loss.needs.rollout_topk
+
+    def check_startup(self, world_size: int) -> None:
+        """Everything the job needs beyond the config's own fields, on every rank, before anything is
+        converted, started or loaded: a wrong setting fails in seconds and writes nothing."""
+        from megatron_rl.megatron.model import resolve_use_te
+        from megatron_rl.trainer.rollouts import check_placement_env
+
+        self.check_layout(self.model.read_model_config(), world_size)
+        self.check_hardware(use_te=resolve_use_te(None))
+        check_placement_env(self.rollout.placement)
+        self.data.check_readable()
+        self.reward.check()
 
     def check_hardware(self, use_te: bool) -> None:
-        """What the machine must offer for these settings (start-up, before any process group or
-        conversion). use_te: whether the transformer-engine layer spec will be used
-        (megatron.model.resolve_use_te: CUDA and transformer_engine installed); sequence parallelism and
-        context-parallel attention exist only there."""
+        """What the machine must offer for these settings. use_te: whether the transformer-engine layer
+        spec will be used (megatron.model.resolve_use_te: CUDA and transformer_engine installed);
+        sequence parallelism and context-parallel attention exist only there."""
         from megatron_rl.megatron.model import check_layer_spec
 
         check_layer_spec(use_te, sequence_parallel=self.parallel.sequence_parallel, cp=self.parallel.context)
 
-    @property
-    def logprobs_topk(self) -> int:
-        """How many top-K log-probs per token the engine must return (0 = only the sampled token)."""
-        name = self.loss.divergence_name or ""
-        return self.loss.topk if name.startswith("topk") and self.loss.anchor == "rollout" else 0
-
     def check_layout(self, model: ModelConfig, world_size: int) -> int:
-        """Validate the parallel layout against the model and world size; return the data-parallel size."""
+        """Validate the parallel layout and the token budget against the model and world size; return the
+        data-parallel size. The planner runs this too (trainer/plan.py)."""
         p = self.parallel
-        model.check_parallel(p.tensor, p.pipeline)
+        try:
+            model.check_parallel(p.tensor, p.pipeline)
+        except ValueError as e:
+            raise ValueError(f"`parallel.tensor` / `parallel.pipeline`: {e}") from e
         per_replica = p.tensor * p.pipeline * p.context
         if world_size % per_replica:
             raise ValueError(f"world size {world_size} is not a multiple of parallel.tensor x parallel.pipeline"
@@ -234,11 +293,17 @@ class RLConfig:
         if model.num_attention_heads % self.rollout.engine_tensor_parallel:
             raise ValueError(f"`rollout.engine_tensor_parallel` = {self.rollout.engine_tensor_parallel} does "
                              f"not divide num_attention_heads = {model.num_attention_heads}")
+        mbt = self.train.micro_batch_tokens
         longest = self.rollout.max_prompt_length + self.rollout.max_response_length
-        if self.train.micro_batch_tokens < longest:
-            raise ValueError(f"`train.micro_batch_tokens` = {self.train.micro_batch_tokens} is smaller than the "
+        if mbt < longest:
+            raise ValueError(f"`train.micro_batch_tokens` = {mbt} is smaller than the "
                              f"longest sequence (max_prompt_length + max_response_length = {longest}); a "
                              f"sequence is never split across microbatches: raise it")
+        if p.context > 1 and mbt % (2 * p.context):
+            # Megatron's load-balanced CP split cuts every packed segment, the row's padding tail included,
+            # into 2 x context chunks: sequences are padded to that multiple, so the row must be one too
+            raise ValueError(f"`train.micro_batch_tokens` = {mbt} must be a multiple of 2 x parallel.context = "
+                             f"{2 * p.context} (the load-balanced context-parallel split)")
         return world_size // per_replica
 
 

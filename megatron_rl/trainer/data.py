@@ -1,8 +1,9 @@
 """Prompt data sets for RLVR: JSONL or Parquet rows -> chat-templated prompt token ids + answers.
 
-`PromptDataset` reads and tokenizes once (bad rows and over-long prompts are skipped and counted, or a
-bad row stops the load with its file and line); `PromptLoader` serves batches in a deterministic order
-that depends only on (seed, epoch), and its `state_dict()` (epoch, position) makes it resume exactly.
+`DataConfig` is the job config's `data` section (trainer/config.py). `PromptDataset` reads and tokenizes
+once (bad rows and over-long prompts are skipped and counted, or a bad row stops the load with its file
+and line); `PromptLoader` serves batches in a deterministic order that depends only on (seed, epoch), and
+its `state_dict()` (epoch, position) makes it resume exactly.
 """
 
 from __future__ import annotations
@@ -11,22 +12,24 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Literal, Optional
 
 FORMATS = ("auto", "jsonl", "parquet")
 ON_BAD = ("error", "skip")
 _MISSING = object()
 
 
-@dataclass(frozen=True)
+@dataclass
 class DataConfig:
-    path: str
+    """The `data` section of the job config. Errors name the key; the config loader prefixes the section
+    (`config section `data`: ...`), and the checks that run after loading write that prefix themselves."""
+
+    train_path: str = ""                    # JSONL or Parquet
     prompt_key: str = "prompt"              # dotted for nested fields ("extra.question"); a string, or a
                                             # list of chat messages [{"role", "content"}]
     answer_key: Optional[str] = "answer"    # None when the reward needs no answer
-    format: str = "auto"                    # auto: by extension (.jsonl / .json / .parquet)
-    on_bad_line: str = "error"            # error: stop naming file:line; skip: skip and count
-    max_prompt_tokens: int = 1024           # longer prompts are skipped and counted
+    format: Literal["auto", "jsonl", "parquet"] = "auto"   # auto: by extension (.jsonl / .json / .parquet)
+    on_bad_line: Literal["error", "skip"] = "error"        # error: stop naming file:line; skip: skip and count
     apply_chat_template: bool = True        # the tokenizer's chat template, generation prompt added
     system_prompt: Optional[str] = None     # prepended as a system message when templating
     keep_keys: tuple[str, ...] = ()         # other fields copied into PromptRecord.info
@@ -35,31 +38,36 @@ class DataConfig:
 
     def __post_init__(self):
         def bad(key, why):
-            raise ValueError(f"data config: `{key}` {why}")
+            raise ValueError(f"`{key}` {why}")
 
-        if not self.path:
-            bad("path", "must name a JSONL or Parquet file")
+        if not self.train_path:
+            bad("train_path", "must name a JSONL or Parquet file")
         if self.format not in FORMATS:
             bad("format", f"is {self.format!r}; allowed: {', '.join(FORMATS)}")
         if self.on_bad_line not in ON_BAD:
             bad("on_bad_line", f"is {self.on_bad_line!r}; allowed: {', '.join(ON_BAD)}")
         if not self.prompt_key:
             bad("prompt_key", "must be a field name")
-        if self.max_prompt_tokens < 1:
-            bad("max_prompt_tokens", f"must be >= 1, got {self.max_prompt_tokens}")
         if self.system_prompt is not None and not self.apply_chat_template:
             bad("system_prompt", "needs apply_chat_template=True")
 
     def resolved_format(self) -> str:
         if self.format != "auto":
             return self.format
-        suffix = Path(self.path).suffix.lower()
+        suffix = Path(self.train_path).suffix.lower()
         if suffix in (".jsonl", ".json"):
             return "jsonl"
         if suffix == ".parquet":
             return "parquet"
-        raise ValueError(f"data config: `format` is auto but {self.path!r} has no .jsonl/.json/.parquet "
-                         "extension; set format")
+        raise ValueError(f"config section `data`: `format` is auto but `train_path` {self.train_path!r} has no "
+                         ".jsonl/.json/.parquet extension; set format")
+
+    def check_readable(self) -> None:
+        """The file exists and its format is known: the job's start-up check (RLConfig.check_startup), and
+        PromptDataset's before it reads, for callers that load a data set on its own."""
+        if not Path(self.train_path).is_file():
+            raise FileNotFoundError(f"config section `data`: `train_path` {self.train_path!r} is not a file")
+        self.resolved_format()
 
 
 @dataclass
@@ -132,10 +140,13 @@ def _messages(prompt: Any, cfg: DataConfig, where: str) -> list[dict]:
 
 
 class PromptDataset:
-    """All usable prompts of one file, tokenized. `stats` counts what was read and skipped."""
+    """All usable prompts of one file, tokenized. `stats` counts what was read and skipped.
+    max_prompt_tokens: longer prompts are skipped and counted (the job: rollout.max_prompt_length)."""
 
-    def __init__(self, config: DataConfig, tokenizer):
-        self.config = config
+    def __init__(self, config: DataConfig, tokenizer, max_prompt_tokens: int = 1024):
+        if max_prompt_tokens < 1:
+            raise ValueError(f"PromptDataset: `max_prompt_tokens` must be >= 1, got {max_prompt_tokens}")
+        self.config, self.max_prompt_tokens = config, max_prompt_tokens
         self.records: list[PromptRecord] = []
         self.stats = {"rows": 0, "bad_records_skipped": 0, "too_long_skipped": 0, "kept": 0}
         self._load(tokenizer)
@@ -164,9 +175,8 @@ class PromptDataset:
 
     def _load(self, tokenizer) -> None:
         cfg = self.config
-        path = str(cfg.path)
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"data config: `path` {path!r} is not a file")
+        path = str(cfg.train_path)
+        cfg.check_readable()
         rows = _read_jsonl(path) if cfg.resolved_format() == "jsonl" else _read_parquet(path, cfg)
         pending: list[tuple[int, str, Any, dict]] = []
         for index, where, row in rows:
@@ -194,12 +204,12 @@ class PromptDataset:
         special = not self.config.apply_chat_template
         ids = tokenizer([p[1] for p in pending], add_special_tokens=special)["input_ids"]
         for (index, text, answer, info), prompt_ids in zip(pending, ids):
-            if len(prompt_ids) > self.config.max_prompt_tokens:
+            if len(prompt_ids) > self.max_prompt_tokens:
                 self.stats["too_long_skipped"] += 1
                 continue
             if not prompt_ids:
                 if self.config.on_bad_line == "error":
-                    raise BadRecord(f"{self.config.path}: row {index}: the prompt tokenizes to nothing")
+                    raise BadRecord(f"{self.config.train_path}: row {index}: the prompt tokenizes to nothing")
                 self.stats["bad_records_skipped"] += 1
                 continue
             self.records.append(PromptRecord(index, list(prompt_ids), text, answer, info))

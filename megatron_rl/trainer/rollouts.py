@@ -1,4 +1,8 @@
-"""Where the loop's rollouts come from: the engine of each placement, and the one-step off-policy queue.
+"""The rollout side of the loop: the prompts, the engine(s), the one-step off-policy queue and the reward.
+
+`Rollouts` is what trainer/loop.py talks to for everything that is not the learner. Every rank holds one
+(every rank draws the same prompts, so their data positions stay equal for the checkpoint); only global
+rank 0 holds the engine client, and the methods that need it return None on the other ranks.
 
 Placement (rollout.placement):
     colocated       one vLLM engine on the learner's global rank 0, sharing its node
@@ -6,7 +10,7 @@ Placement (rollout.placement):
                     MRL_ENGINE_RENDEZVOUS / MRL_NUM_ENGINES); rank 0 hosts their rendezvous and
                     broadcasts the weights to them (megatron_rl.rollout.remote)
 
-Off-policy lag (rollout.max_off_policy_lag, disaggregated only):
+Off-policy lag (rollout.max_off_policy_lag, disaggregated only; RolloutSection refuses it colocated):
     0   step k's prompts are generated when step k starts, with the weights of after step k-1's update
     1   taking step k's rollout also submits step k+1's prompts, so the engines generate them while
         step k trains: with the weights of before step k's update, one policy step behind. DPPO / CPPO
@@ -19,8 +23,20 @@ rollout with the version it was generated with; lag = step - version is logged e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl.rewards.base import SafeReward
+from megatron_rl.trainer.advantages import compute_advantages
+from megatron_rl.trainer.data import PromptDataset, PromptLoader
+
+if TYPE_CHECKING:   # annotations only: config.py imports this module for check_placement_env
+    from megatron_rl.trainer.config import RLConfig
 
 
 def make_engine(placement: str, engine_config):
@@ -35,13 +51,147 @@ def make_engine(placement: str, engine_config):
     return RemoteEngines(RemoteConfig.from_env(), engine_config).connect()
 
 
+def engine_config(cfg: "RLConfig", hf_dir: Path):
+    """The engines' EngineConfig, from the rollout section: the one place it is built."""
+    from megatron_rl.rollout.engine import EngineConfig
+
+    r = cfg.rollout
+    return EngineConfig(model=str(hf_dir), dtype=r.dtype, temperature=r.temperature, n_samples=r.n_samples,
+                        max_response_tokens=r.max_response_length,
+                        max_model_len=r.max_prompt_length + r.max_response_length, logprobs_topk=cfg.logprobs_topk,
+                        seed=r.seed, enforce_eager=r.enforce_eager, tensor_parallel_size=r.engine_tensor_parallel,
+                        gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=r.sleep_during_training,
+                        kv_cache_memory_bytes=r.kv_cache_memory_mb << 20 if r.kv_cache_memory_mb else None)
+
+
 def check_placement_env(placement: str) -> None:
-    """Every rank, before any engine starts: a disaggregated job without its engines' rendezvous fails
-    at once with the variable's name (not rank 0 alone, while the others wait in a collective)."""
+    """Every rank, before any engine starts (RLConfig.check_startup): a disaggregated job without its
+    engines' rendezvous fails at once with the variable's name (not rank 0 alone, while the others wait in
+    a collective)."""
     if placement == "disaggregated":
         from megatron_rl.rollout.remote import RemoteConfig
 
         RemoteConfig.from_env()
+
+
+@dataclass
+class StepRollout:
+    """One step's rollout as the loop carries it from phase to phase."""
+    step: int
+    records: list               # the step's prompts (every rank)
+    rollout: Any                # the engines' Rollout (rank 0; None elsewhere); score() sets its rewards
+    data_state: dict            # the loader's position after this step's prompts (the checkpoint's)
+    metrics: dict = field(default_factory=dict)   # the step's metrics so far; every phase adds its own
+
+
+class Rollouts:
+    """The prompts (data, rollout.max_prompt_length), the reward, the advantages, and on global rank 0 the
+    engine(s) of rollout.placement, holding the weights of policy step `version` (the resumed step)."""
+
+    def __init__(self, cfg: "RLConfig", hf_dir: Path, data_state: Optional[dict] = None, version: int = 0):
+        from transformers import AutoTokenizer
+
+        self.cfg, self.advantage = cfg.rollout, cfg.advantage
+        self.records_path = Path(cfg.run_dir) / "rollouts.jsonl"
+        self.dataset = PromptDataset(cfg.data, AutoTokenizer.from_pretrained(str(hf_dir)),
+                                     max_prompt_tokens=cfg.rollout.max_prompt_length)
+        self.loader = PromptLoader(self.dataset, cfg.train.prompts_per_step)
+        if data_state is not None:   # resuming: the position after the checkpointed step's prompts
+            self.loader.load_state_dict(data_state)
+        self.reward = SafeReward.from_spec(cfg.reward.fn)
+        self.engine = make_engine(self.cfg.placement, engine_config(cfg, hf_dir)) if dist.get_rank() == 0 else None
+        self.queue = RolloutQueue(self.engine, self.loader, self.cfg.max_off_policy_lag, cfg.train.steps, version)
+
+    # ---- a step ------------------------------------------------------------------------------------------
+    def take(self, step: int) -> StepRollout:
+        """Step `step`'s rollout (RolloutQueue.take); the lag metrics start the step's metrics."""
+        records, rollout, data_state, metrics = self.queue.take(step)
+        return StepRollout(step, records, rollout, data_state, metrics)
+
+    def score(self, batch: StepRollout) -> Optional[tuple[Any, torch.Tensor]]:
+        """Rank 0: rewards (a failing verifier scores 0 and is counted), advantages (dropping constant
+        groups if configured), the metrics of both, and the step's line in run_dir/rollouts.jsonl.
+        Returns (the kept part of the rollout, its advantages); None on the other ranks."""
+        rollout = batch.rollout
+        if rollout is None:
+            return None
+        errors_before = self.reward.errors
+        rollout.set_rewards([self.reward(s.response_text, s.info.get("answer")) for s in rollout.samples])
+        rewards = rollout.rewards
+        adv = compute_advantages(rewards, rollout.group_ids, self.advantage)
+        batch.metrics.update(rollout.stats)
+        batch.metrics.update(adv.metrics())
+        batch.metrics.update({"reward/mean": float(rewards.mean()), "reward/max": float(rewards.max()),
+                              "reward/errors": self.reward.errors - errors_before})
+        self._record(batch)
+        return rollout.select(adv.keep), adv.advantages[adv.keep]
+
+    def _record(self, batch: StepRollout, examples: int = 4) -> None:
+        """run_dir/rollouts.jsonl: which prompts each step used, their rewards, and a few responses."""
+        records, samples = batch.records, batch.rollout.samples
+        row = {"step": batch.step, "prompt_indices": [r.index for r in records],
+               "rewards": [s.reward for s in samples],
+               "examples": [{"prompt": records[s.group_id].prompt_text, "response": s.response_text,
+                             "answer": s.info.get("answer"), "reward": s.reward} for s in samples[:examples]]}
+        with open(self.records_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    # ---- the engines' weights ------------------------------------------------------------------------------
+    def update_weights(self, weights: Iterator[tuple[str, torch.Tensor]], version: int) -> dict:
+        """Load the learner's weights (policy step `version`; every rank drives the stream, see _consume)
+        into the engines in buckets of rollout.weight_sync_bucket_mb. Remote engines first finish the
+        generation in flight (lag 1: the next step's, with the old weights). Sync metrics on rank 0."""
+        bucket = self.cfg.weight_sync_bucket_mb << 20
+        # remote engines stamp their rollouts with the version they hold; the local engine has no versions
+        versioned = {"version": version} if self.cfg.placement == "disaggregated" else {}
+
+        def load(stream):
+            return self.engine.update_weights(stream, max_bucket_bytes=bucket, **versioned).as_metrics()
+
+        out = self._consume(weights, load) or {}
+        self.queue.weights_updated(version)
+        return out
+
+    def verify_weights(self, weights: Iterator[tuple[str, torch.Tensor]]):
+        """The engines' weights read back against the stream (a rollout.weight_sync.WeightCheck, naming
+        the tensor that differs); rank 0, None elsewhere."""
+        return self._consume(weights, lambda w: self.engine.verify_weights(w))
+
+    def probe(self, prompts: list, max_tokens: int) -> Optional[list]:
+        """The engines' seeded probe responses with mu's log-probs (one Rollout per engine); rank 0."""
+        return self.engine.probe(prompts, max_tokens) if self.engine is not None else None
+
+    def _consume(self, stream: Iterator, consume: Callable[[Iterator], Any]) -> Any:
+        """Rank 0 hands the stream to `consume`; the other ranks run it to the end for its collectives."""
+        if self.engine is not None:
+            return consume(stream)
+        for _ in stream:
+            pass
+        return None
+
+    # ---- engine memory and lifetime --------------------------------------------------------------------------
+    @property
+    def _sleeps(self) -> bool:
+        # GPU, colocated: the engine hands its memory to the learner while it trains (no-op on CPU)
+        return self.engine is not None and self.cfg.placement == "colocated" and self.cfg.sleep_during_training
+
+    def sleep(self) -> None:
+        if self._sleeps:
+            self.engine.sleep()
+
+    def wake_up(self) -> None:
+        """Before the weights are updated (they must be resident) and before shutting down."""
+        if self._sleeps:
+            self.engine.wake_up()
+
+    def shutdown(self, stopped: bool = False) -> None:
+        """stopped: the job stops on request; remote servers then get a short timeout, since with lag 1
+        they may be generating a step nobody waits for (they exit on disconnect). The local engine's
+        shutdown takes no timeout."""
+        if self.engine is None:
+            return
+        remote = self.cfg.placement == "disaggregated"
+        self.engine.shutdown(**({"timeout_s": 5.0} if stopped and remote else {}))
 
 
 @dataclass
@@ -54,12 +204,10 @@ class _Pending:
 
 class RolloutQueue:
     """Prompts and rollouts in step order, on every rank (only rank 0 holds an engine; every rank
-    draws the same prompts so their data positions stay equal for the checkpoint)."""
+    draws the same prompts so their data positions stay equal for the checkpoint). With lag 1 the
+    engine must be able to `submit` (the remote engines); RolloutSection allows lag 1 only then."""
 
     def __init__(self, engine, loader, lag: int, last_step: int, version: int):
-        if lag and engine is not None and not hasattr(engine, "submit"):
-            raise ValueError("`rollout.max_off_policy_lag` = 1 needs `rollout.placement: disaggregated` "
-                             "(a colocated engine cannot generate while the learner trains)")
         self.engine, self.loader, self.lag, self.last_step = engine, loader, lag, last_step
         self.version = version         # the policy step the engines' weights come from
         self._next: Optional[_Pending] = None

@@ -1,5 +1,7 @@
 """Where a run's numbers go: a JSONL file, TensorBoard, Weights & Biases (when installed and enabled),
-a one-line progress display per phase, and a PNG plot at the end. Only the logging rank creates one.
+a one-line progress display per phase, and a PNG plot at the end. `TrackingConfig` is the job config's
+`logging` section. Every rank may hold a Tracker; only the logging rank's is active (the others write
+nothing), so the loop needs no rank test around it.
 """
 
 from __future__ import annotations
@@ -9,11 +11,22 @@ import math
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 PLOT_KEYS = (("reward/mean", "reward"), ("rollout/response_length_mean", "response length"),
              ("masked_frac", "masked fraction"), ("mismatch/prob_diff_mean", "|pi - mu| (sampled tokens)"))
+
+
+@dataclass
+class TrackingConfig:
+    tensorboard: bool = True
+    jsonl: bool = True
+    wandb: bool = False
+    wandb_project: str = "megatron_rl"
+    progress: bool = True         # a line per phase and per step on stdout
+    plot: bool = True             # run_dir/summary.png at the end (PLOT_KEYS against step)
 
 
 class PhaseTimer:
@@ -39,29 +52,35 @@ class PhaseTimer:
 
 
 class Tracker:
-    def __init__(self, run_dir: str | Path, total_steps: int, jsonl: bool = True, tensorboard: bool = True,
-                 wandb: bool = False, wandb_project: str = "megatron_rl", progress: bool = True,
-                 config: Optional[dict] = None, stream=None):
+    """config: what to write; run_config: the job's whole config, given to W&B; active: False on the ranks
+    that do not log (every method is then a no-op and `history` stays empty)."""
+
+    def __init__(self, run_dir: str | Path, total_steps: int, config: Optional[TrackingConfig] = None,
+                 run_config: Optional[dict] = None, stream=None, active: bool = True):
         self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.total = total_steps
-        self.show = progress
+        self.config = config = config or TrackingConfig()
+        self.active = active
+        self.show = active and config.progress
         self.stream = stream or sys.stdout
         self.history: list[dict] = []
-        self._jsonl = open(self.dir / "metrics.jsonl", "a") if jsonl else None
-        self._tb = None
-        if tensorboard:
+        self._jsonl = self._tb = self._wandb = None
+        if not active:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if config.jsonl:
+            self._jsonl = open(self.dir / "metrics.jsonl", "a")
+        if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(self.dir / "tensorboard"))
-        self._wandb = None
-        if wandb:
+        if config.wandb:
             try:
                 import wandb as wb
             except ImportError:
                 self._print("logging.wandb is true but wandb is not installed: not logging to W&B")
             else:
-                self._wandb = wb.init(project=wandb_project, config=config or {}, dir=str(self.dir))
+                self._wandb = wb.init(project=config.wandb_project, config=run_config or {}, dir=str(self.dir))
 
     def _print(self, line: str) -> None:
         print(line, file=self.stream, flush=True)
@@ -70,7 +89,15 @@ class Tracker:
         if self.show:
             self._print(f"[step {step + 1}/{self.total}] {phase} ...")
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], timer: Optional[PhaseTimer] = None) -> None:
+        """One row per step; with the step's `timer`, its phase times and the throughput (response tokens
+        over the step's wall time) are added."""
+        if not self.active:
+            return
+        if timer is not None:
+            metrics = {**metrics, **timer.metrics()}
+            metrics["throughput/tokens_per_second"] = metrics.get("rollout/response_tokens", 0) / max(
+                metrics["time/step"], 1e-9)
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.history.append(row)
         if self._jsonl:
@@ -94,7 +121,7 @@ class Tracker:
 
     def plot(self, path: Optional[str | Path] = None) -> Optional[Path]:
         """Reward, response length, mask fraction and mismatch against step, one panel each."""
-        if not self.history:
+        if not self.history or not self.config.plot:
             return None
         import matplotlib
 
@@ -116,6 +143,8 @@ class Tracker:
         return path
 
     def close(self) -> None:
+        """The summary plot (logging.plot), then every writer closed."""
+        self.plot()
         if self._jsonl:
             self._jsonl.close()
         if self._tb:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_rl.megatron.packing import TrainingSample
+
 from megatron_rl.model_config import ModelConfig
 
 # Qwen2-like (QKV bias) with QK-norm and GQA, untied; vocab 250 pads to 256 at TP 1 and 2 alike.
@@ -32,7 +34,7 @@ def validate_setup(model_cfg: ModelConfig, cfg, max_sequence_length: int, tp: in
     check_budget([max_sequence_length], cfg.microbatch_tokens, 2 * cp if cp > 1 else 1)
 
 
-def make_samples(n: int = 8, seed: int = 0, vocab: int = 250, lo: int = 6, hi: int = 22) -> list[dict]:
+def make_samples(n: int = 8, seed: int = 0, vocab: int = 250, lo: int = 6, hi: int = 22) -> list[TrainingSample]:
     """Sequences of prompt + response with per-token fields aligned with tokens.
 
     mu is synthetic: on half the tokens peaked and far from the tiny model's near-uniform pi, on the rest
@@ -57,8 +59,8 @@ def make_samples(n: int = 8, seed: int = 0, vocab: int = 250, lo: int = 6, hi: i
                               (1.0 + 0.3 * torch.rand(L, generator=g)) / vocab)
         hit = ids == tok[:, None]
         sampled = torch.where(hit.any(-1), (probs * hit).sum(-1), sampled)
-        out.append(dict(tokens=tok, loss_mask=mask, advantages=adv, rollout_logprobs=sampled.log(),
-                        topk_ids=ids, topk_logprobs=probs.log()))
+        out.append(TrainingSample(tokens=tok, loss_mask=mask, advantages=adv, rollout_logprobs=sampled.log(),
+                                  rollout_topk_ids=ids, rollout_topk_logprobs=probs.log()))
     return out
 
 

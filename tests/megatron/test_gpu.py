@@ -81,8 +81,8 @@ def te_vs_local(rank, world):
         packed = te(mb.tokens.to(dev), mb.position_ids.to(dev), None, packed_seq_params=psp)[0]
         worst, bounds = 0.0, mb.cu_seqlens.tolist()
         for j, s in enumerate(samples):
-            L = s["tokens"].numel()
-            alone = local(s["tokens"][None].to(dev), torch.arange(L, device=dev)[None], None)[0]
+            L = s.length
+            alone = local(s.tokens[None].to(dev), torch.arange(L, device=dev)[None], None)[0]
             worst = max(worst, float((packed[bounds[j]:bounds[j] + L] - alone).abs().max()))
     return worst
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_rl.megatron.packing import TrainingSample
+
 from .common import model_cfg, validate_setup
 
 
@@ -44,7 +46,7 @@ def test_budget_smaller_than_longest_sequence_fails_naming_the_setting():
     with pytest.raises(ValueError, match="multiple of 2 x context_parallel_size=4"):
         validate_setup(cfg, StepConfig(microbatch_tokens=36), 20, cp=4)
     with pytest.raises(ValueError, match="microbatch_tokens=8 is smaller"):
-        pack_batch([{"tokens": torch.arange(9)}], 8)
+        pack_batch([TrainingSample(torch.arange(9))], 8)
     validate_setup(cfg, StepConfig(microbatch_tokens=33), 33)
 
 
@@ -52,8 +54,9 @@ def test_packing_keeps_sequences_whole_and_shifts_fields():
     from megatron_rl.megatron.packing import causal_block_mask, pack_batch, plan_microbatches
 
     lengths = [5, 9, 3, 7, 2, 8]
-    samples = [{"tokens": torch.arange(L) + 100 * i, "loss_mask": torch.ones(L),
-                "v": torch.arange(L, dtype=torch.float32) + 100 * i} for i, L in enumerate(lengths)]
+    samples = [TrainingSample(torch.arange(L) + 100 * i, loss_mask=torch.ones(L),
+                              advantages=torch.arange(L, dtype=torch.float32) + 100 * i)
+               for i, L in enumerate(lengths)]
     for n in (None, 2, 3):
         plan = plan_microbatches(lengths, 20, n)
         assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
@@ -66,9 +69,9 @@ def test_packing_keeps_sequences_whole_and_shifts_fields():
             for j, i in enumerate(mb.seq_ids.tolist()):
                 a, L = cu[j], lengths[i]
                 assert cu[j + 1] - a == L
-                assert torch.equal(mb.tokens[0, a:a + L], samples[i]["tokens"])
-                assert torch.equal(mb.labels[0, a:a + L - 1], samples[i]["tokens"][1:])
-                assert torch.equal(mb.fields["v"][0, a:a + L - 1], samples[i]["v"][1:])
+                assert torch.equal(mb.tokens[0, a:a + L], samples[i].tokens)
+                assert torch.equal(mb.labels[0, a:a + L - 1], samples[i].tokens[1:])
+                assert torch.equal(mb.fields["advantages"][0, a:a + L - 1], samples[i].advantages[1:])
                 assert mb.fields["loss_mask"][0, a + L - 1] == 0   # the last token predicts nothing
             assert mb.fields["loss_mask"][0, cu[-1]:].sum() == 0     # padding tail
     with pytest.raises(ValueError, match="do not fit in num_microbatches=1"):
@@ -82,7 +85,7 @@ def test_packing_keeps_sequences_whole_and_shifts_fields():
 def test_row_cu_seqlens_cover_the_row_with_the_padding_tail():
     from megatron_rl.megatron.packing import pack_batch, row_cu_seqlens, split_for_cp
 
-    part, full = (pack_batch([{"tokens": torch.arange(n)} for n in lengths], 12, pad_multiple=4)[0]
+    part, full = (pack_batch([TrainingSample(torch.arange(n)) for n in lengths], 12, pad_multiple=4)[0]
                   for lengths in ([3, 4], [6, 3]))
     assert row_cu_seqlens(part).tolist() == [0, 4, 8, 12] and row_cu_seqlens(part).dtype == torch.int64
     assert row_cu_seqlens(full).tolist() == [0, 8, 12, 12]     # a full row: an empty tail (no device read)

@@ -24,6 +24,7 @@ Launches: one process for the reference (also packed == unpacked logits), one of
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -104,14 +105,14 @@ def _run_case(cfg, ps, mode, nmb, nminib, bf16, samples):
     if mode == "old":
         old = actor.compute_logprobs(local, logprob_fn(cfg, ps))
         if ps.is_last_stage:
-            local = [dict(s, old_logprobs=o) for s, o in zip(local, old)]
+            local = [dataclasses.replace(s, old_logprobs=o) for s, o in zip(local, old)]
             extra["old"] = [o.clone() for o in old]
     metrics = actor.train_on_rollout(local)
     if mode == "old":
         after = actor.compute_logprobs(local, logprob_fn(cfg, ps))   # every stage runs the pipeline
         if ps.is_last_stage:
             # the anchor is a field of the samples: untouched by the optimizer steps
-            assert all(torch.equal(s["old_logprobs"], o) for s, o in zip(local, extra["old"]))
+            assert all(torch.equal(s.old_logprobs, o) for s, o in zip(local, extra["old"]))
             extra["moved"] = max(float((a - o).abs().max()) for a, o in zip(after, extra["old"]))
     if tied:
         extra["end_gap"] = _tied_copies_gap(unwrap(chunks[0]), ps)
@@ -176,8 +177,8 @@ def packed_vs_unpacked(cfg, ps):
         packed = model(mb.tokens, mb.position_ids, mb.attention_mask)[0]
         worst, bounds = 0.0, mb.cu_seqlens.tolist()
         for j, s in enumerate(samples):
-            L = s["tokens"].numel()
-            alone = model(s["tokens"][None], torch.arange(L)[None], None)[0]
+            L = s.length
+            alone = model(s.tokens[None], torch.arange(L)[None], None)[0]
             worst = max(worst, float((packed[bounds[j]:bounds[j] + L] - alone).abs().max()))
     return worst
 

@@ -2,17 +2,16 @@
 real learner and a real engine, one rank. The weight check must catch a bucket corrupted on its way to
 the engine, with the probe alone (read-back off) and with the read-back (which names the tensor)."""
 
+import dataclasses
 import sys
-from pathlib import Path
 
 import torch
 
 from megatron_rl.rollout.weight_sync import DEFAULT_BUCKET_BYTES
 from megatron_rl.trainer.config import load_rl_config
-from megatron_rl.trainer.data import PromptDataset
-from megatron_rl.trainer.learner import build_learner, init_world
-from megatron_rl.trainer.loop import WeightProbe, _data_config, _engine_config, _tokenizer, prepare_model, sync
-from megatron_rl.trainer.rollouts import RolloutQueue, make_engine
+from megatron_rl.trainer.learner import Learner, init_world
+from megatron_rl.trainer.loop import WeightProbe, sync
+from megatron_rl.trainer.rollouts import Rollouts
 
 
 class CorruptingEngine:
@@ -41,25 +40,30 @@ def expect_failure(fn, *needles):
 
 
 def main(config: str, *overrides: str) -> None:
-    init_world()
+    _, world = init_world()
     cfg = load_rl_config(config, list(overrides))
-    base, hf_dir = prepare_model(cfg, Path(cfg.run_dir))
-    learner = build_learner(cfg, base)
-    dataset = PromptDataset(_data_config(cfg), _tokenizer(hf_dir))
-    engine = make_engine("colocated", _engine_config(cfg, hf_dir))
-    queue = RolloutQueue(engine, None, 0, 1, 0)
-    probe = WeightProbe.from_config(cfg, dataset)
-    out = sync(learner, engine, queue, version=1, check=probe)
+    cfg.check_startup(world)
+    learner = Learner.build(cfg)
+    rollouts = Rollouts(cfg, learner.hf_dir)     # the colocated engine of the config
+    engine = rollouts.engine
+    # checked after every sync; learner.step is the version each sync names
+    probe = dataclasses.replace(WeightProbe.from_config(cfg, rollouts.dataset, start=0), when="every")
+
+    def sync_as(version, engine_in_use, check):
+        learner.step, rollouts.engine = version, engine_in_use
+        return sync(learner, rollouts, check)
+
+    out = sync_as(1, engine, probe)
     print("clean sync:", out, flush=True)
     assert out["weight_sync/probe_logprob_diff_max"] <= probe.tolerance and out["weight_sync/max_abs_diff"] == 0
     name = "model.layers.1.mlp.down_proj.weight"
     bad = CorruptingEngine(engine, name)
-    expect_failure(lambda: sync(learner, bad, queue, version=7, check=WeightProbe(**{**vars(probe), "readback": False})),
+    expect_failure(lambda: sync_as(7, bad, dataclasses.replace(probe, readback=False)),
                    "weight sync probe failed after the update to step 7", "token id", "probe sequence")
-    expect_failure(lambda: sync(learner, bad, queue, version=8, check=probe),
+    expect_failure(lambda: sync_as(8, bad, probe),
                    "weight sync check failed after the update to step 8", name)
-    assert sync(learner, engine, queue, version=9, check=probe)["weight_sync/checked"] == 1   # repaired
-    engine.shutdown()
+    assert sync_as(9, engine, probe)["weight_sync/checked"] == 1   # repaired
+    rollouts.shutdown()
     torch.distributed.destroy_process_group()
     print("probe job ok", flush=True)
 

@@ -22,7 +22,7 @@ ROWS = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1), "id": i} for i in 
 def test_jsonl_chat_template_and_answers(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS[:3] + [
         {"q": {"text": "What is 9 * 9?"}, "prompt": [{"role": "user", "content": "What is 9 * 9?"}], "answer": "81"}])
-    ds = PromptDataset(DataConfig(path=str(path), keep_keys=("id",)), tok)
+    ds = PromptDataset(DataConfig(train_path=str(path), keep_keys=("id",)), tok)
     assert len(ds) == 4 and ds.stats == {"rows": 4, "bad_records_skipped": 0, "too_long_skipped": 0, "kept": 4}
     rec = ds[0]
     want_text = tok.apply_chat_template([{"role": "user", "content": "What is 0 + 1?"}],
@@ -31,7 +31,7 @@ def test_jsonl_chat_template_and_answers(tok, tmp_path):
     assert rec.prompt_ids == tok(want_text, add_special_tokens=False)["input_ids"]
     assert rec.answer == "1" and rec.info == {"id": 0} and rec.index == 0
     assert ds[3].prompt_text.startswith("<|user|>What is 9 * 9?") and ds[3].answer == "81"
-    sys_ds = PromptDataset(DataConfig(path=str(path), system_prompt="Be brief."), tok)
+    sys_ds = PromptDataset(DataConfig(train_path=str(path), system_prompt="Be brief."), tok)
     assert sys_ds[0].prompt_text.startswith("<|system|>Be brief.<|end|><|user|>")
 
 
@@ -42,23 +42,23 @@ def test_parquet_with_nested_fields(tok, tmp_path):
     rows = [{"prompt": [{"role": "user", "content": f"What is {i} + 2?"}],
              "reward_model": {"ground_truth": str(i + 2)}} for i in range(5)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
-    ds = PromptDataset(DataConfig(path=str(tmp_path / "d.parquet"), answer_key="reward_model.ground_truth"), tok)
+    ds = PromptDataset(DataConfig(train_path=str(tmp_path / "d.parquet"), answer_key="reward_model.ground_truth"), tok)
     assert len(ds) == 5 and [r.answer for r in ds.records] == ["2", "3", "4", "5", "6"]
     assert ds[4].prompt_text == "<|user|>What is 4 + 2?<|end|><|assistant|>"
     with pytest.raises(ValueError, match=r"d.parquet: no column 'question'"):
-        PromptDataset(DataConfig(path=str(tmp_path / "d.parquet"), prompt_key="question"), tok)
+        PromptDataset(DataConfig(train_path=str(tmp_path / "d.parquet"), prompt_key="question"), tok)
 
 
 def test_bad_lines_error_names_file_and_line(tok, tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], "", "{not json", ROWS[1]])
     with pytest.raises(ValueError, match=r"bad.jsonl:3: not valid JSON"):
-        PromptDataset(DataConfig(path=str(path)), tok)
+        PromptDataset(DataConfig(train_path=str(path)), tok)
     path = write_jsonl(tmp_path / "nofield.jsonl", [ROWS[0], {"question": "x", "answer": "1"}])
     with pytest.raises(ValueError, match=r"nofield.jsonl:2: no prompt field 'prompt'"):
-        PromptDataset(DataConfig(path=str(path)), tok)
+        PromptDataset(DataConfig(train_path=str(path)), tok)
     path = write_jsonl(tmp_path / "noans.jsonl", [{"prompt": "x"}])
     with pytest.raises(ValueError, match=r"noans.jsonl:1: no answer field 'answer'"):
-        PromptDataset(DataConfig(path=str(path)), tok)
+        PromptDataset(DataConfig(train_path=str(path)), tok)
 
 
 def test_skip_mode_and_overlong_prompts_are_counted(tok, tmp_path):
@@ -66,18 +66,18 @@ def test_skip_mode_and_overlong_prompts_are_counted(tok, tmp_path):
     path = write_jsonl(tmp_path / "mixed.jsonl",
                        [ROWS[0], "{oops", {"question": "no prompt"}, "[1, 2]", long_prompt, ROWS[1],
                         {"prompt": 5, "answer": "5"}])
-    ds = PromptDataset(DataConfig(path=str(path), on_bad_line="skip", max_prompt_tokens=32), tok)
+    ds = PromptDataset(DataConfig(train_path=str(path), on_bad_line="skip"), tok, max_prompt_tokens=32)
     assert ds.stats == {"rows": 7, "bad_records_skipped": 4, "too_long_skipped": 1, "kept": 2}
     assert [r.index for r in ds.records] == [0, 5]          # stable ids are file rows
     # an over-long prompt is skipped (not an error) in error mode too
     path2 = write_jsonl(tmp_path / "long.jsonl", [ROWS[0], long_prompt])
-    ds2 = PromptDataset(DataConfig(path=str(path2), max_prompt_tokens=32), tok)
+    ds2 = PromptDataset(DataConfig(train_path=str(path2)), tok, max_prompt_tokens=32)
     assert ds2.stats["too_long_skipped"] == 1 and len(ds2) == 1
 
 
 def test_order_is_deterministic_and_resumable(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
-    cfg = DataConfig(path=str(path), seed=3)
+    cfg = DataConfig(train_path=str(path), seed=3)
     ds = PromptDataset(cfg, tok)
     loader = PromptLoader(ds, batch_size=4)
     first = [[r.index for r in loader.next_batch()] for _ in range(2)]
@@ -99,15 +99,15 @@ def test_order_is_deterministic_and_resumable(tok, tmp_path):
     assert first[0] + first[1] + rest[0][:2] == e0 and rest[0][2:] == e1[:2]
     assert epoch_order(5, 0, 0, shuffle=False) == [0, 1, 2, 3, 4]
 
-    other = PromptLoader(PromptDataset(DataConfig(path=str(path), seed=4), tok), batch_size=4)
+    other = PromptLoader(PromptDataset(DataConfig(train_path=str(path), seed=4), tok), batch_size=4)
     with pytest.raises(ValueError, match="`seed`"):
         other.load_state_dict(state)
 
 
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="`on_bad_line`"):
-        DataConfig(path="x.jsonl", on_bad_line="ignore")
+        DataConfig(train_path="x.jsonl", on_bad_line="ignore")
     with pytest.raises(ValueError, match="`max_prompt_tokens`"):
-        DataConfig(path="x.jsonl", max_prompt_tokens=0)
+        PromptDataset(DataConfig(train_path="x.jsonl"), tokenizer=None, max_prompt_tokens=0)
     with pytest.raises(ValueError, match="`format`"):
-        DataConfig(path="x.csv").resolved_format()
+        DataConfig(train_path="x.csv").resolved_format()

@@ -119,7 +119,7 @@ def _loader_order(demo, steps):
     from megatron_rl.trainer.data import DataConfig, PromptDataset, PromptLoader
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(demo["hf_path"])
-    loader = PromptLoader(PromptDataset(DataConfig(path=demo["train_path"], max_prompt_tokens=32), tok), 4)
+    loader = PromptLoader(PromptDataset(DataConfig(train_path=demo["train_path"]), tok, max_prompt_tokens=32), 4)
     return [[r.index for r in loader.next_batch()] for _ in range(steps)]
 
 

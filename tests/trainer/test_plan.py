@@ -269,6 +269,7 @@ def measure_body(rank: int, world: int, spec: dict) -> dict:
     from megatron_rl.losses.config import LossConfig
     from megatron_rl.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_rl.megatron.policy import policy_loss_fn
+    from megatron_rl.megatron.packing import TrainingSample
     from megatron_rl.megatron.step import Actor, StepConfig
     from megatron_rl.megatron.training import OptimConfig, build_training
 
@@ -298,9 +299,9 @@ def measure_body(rank: int, world: int, spec: dict) -> dict:
         n = spec["len"]
         mask = torch.ones(n)
         mask[:8] = 0
-        samples.append(dict(tokens=torch.randint(0, cfg.vocab_size, (n,), generator=g), loss_mask=mask,
-                            advantages=torch.full((n,), float(torch.randn(1, generator=g))),
-                            rollout_logprobs=-torch.rand(n, generator=g) - 5.0))
+        samples.append(TrainingSample(tokens=torch.randint(0, cfg.vocab_size, (n,), generator=g), loss_mask=mask,
+                                      advantages=torch.full((n,), float(torch.randn(1, generator=g))),
+                                      rollout_logprobs=-torch.rand(n, generator=g) - 5.0))
     actor.train_minibatch(samples)
     gc.collect()
     static = live_tensor_bytes()

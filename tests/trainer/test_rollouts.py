@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from megatron_rl.trainer.config import load_rl_config
 from megatron_rl.trainer.rollouts import RolloutQueue, check_placement_env
 
 
@@ -94,8 +95,10 @@ def test_a_rollout_with_an_unexpected_version_is_refused():
 
 
 def test_lag_one_needs_an_engine_that_can_submit():
+    # the one check: a colocated engine cannot generate while the learner trains (no `submit`)
     with pytest.raises(ValueError, match="rollout.placement: disaggregated"):
-        RolloutQueue(LocalEngine(), Loader(), lag=1, last_step=3, version=0)
+        load_rl_config({"model": {"checkpoint": "ckpt"}, "data": {"train_path": "d.jsonl"},
+                        "rollout": {"max_off_policy_lag": 1}})
 
 
 def test_disaggregated_placement_needs_the_rendezvous_environment(monkeypatch):
