@@ -1,5 +1,5 @@
-"""Per-token divergences D_t = D(anchor(.|s_t) || pi(.|s_t)), anchor first (algorithms.md Sec. 3; DPPO
-Sec. 4.4, Eq. 13-16). All fp32 and detached: they only decide the mask.
+"""Per-token divergences D_t = D(anchor(.|s_t) || pi(.|s_t)), anchor first (algorithms.md Sec. 3;
+DPPO Sec. 4.4, Eq. 13-16). All fp32 and detached: they only decide the mask.
 
 Ordering (DPPO App. B, data processing over coarser partitions): binary <= top-K <= exact, for TV and KL.
 """
