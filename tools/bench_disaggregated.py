@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -40,7 +41,7 @@ def run(lag: int, demo: dict, args, root: Path) -> list[dict]:
     run_dir = root / f"lag{lag}"
     rendezvous = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MRL_ENGINE_RENDEZVOUS=rendezvous,
-               MRL_NUM_ENGINES="1")
+               MRL_NUM_ENGINES="1", MEGATRON_RL_SECRET=secrets.token_hex(32))   # the job's control-channel secret
     log = open(root / f"engine_lag{lag}.log", "w")
     engine = subprocess.Popen([sys.executable, "-m", "megatron_rl.rollout.remote", "serve", "--rendezvous",
                                rendezvous, "--engine-rank", "0", "--num-engines", "1"],

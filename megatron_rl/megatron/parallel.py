@@ -54,15 +54,28 @@ def init_world(export_env: bool = False) -> bool:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(process_group_backend(), timeout=collective_timeout())
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        store = loopback_store()
         if export_env:
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), RANK="0", WORLD_SIZE="1",
                               LOCAL_RANK="0")
-        dist.init_process_group(process_group_backend(), init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                world_size=1, timeout=collective_timeout())
+        dist.init_process_group(process_group_backend(), store=store, rank=0, world_size=1,
+                                timeout=collective_timeout())
     return True
+
+
+def loopback_store() -> "dist.TCPStore":
+    """The world-of-one rendezvous store, listening on 127.0.0.1 only. TCPStore(host, ...) as the master
+    listens on EVERY interface whatever `host` says (the host is only where clients connect), and this
+    torch has no bind-address option; it does take an already listening socket (master_listen_fd), so
+    we bind one to loopback ourselves. Binding it here also removes the old pick-a-port-then-rebind race."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    # detach(): the store owns the descriptor from here (it closes it with the store)
+    return dist.TCPStore("127.0.0.1", port, 1, True, timeout=collective_timeout(), wait_for_workers=False,
+                         master_listen_fd=sock.detach())
 
 
 class Failure(NamedTuple):

@@ -30,7 +30,6 @@ remote_server.py; settings are written by the client into the shared store at co
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import itertools
 import json
 import logging
@@ -45,8 +44,9 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_rl.rollout.engine import PROBE_STEP
-from megatron_rl.rollout.remote_comm import EngineError, Link, WeightGroup, parse_address, resolve_backend
-from megatron_rl.rollout.remote_server import SETTINGS_KEY, engine_addr_key
+from megatron_rl.rollout.remote_comm import (SECRET_ENV, AuthError, EngineError, Link, WeightGroup, client_handshake,
+                                             host_store, load_secret, new_secret, parse_address, resolve_backend, sign)
+from megatron_rl.rollout.remote_server import SETTINGS_KEY, SETTINGS_MAC_KEY, child_env, engine_addr_key
 from megatron_rl.rollout.types import Rollout
 from megatron_rl.rollout.weight_sync import DEFAULT_BUCKET_BYTES, SyncStats, WeightCheck, plan_buckets
 
@@ -70,6 +70,8 @@ class RemoteConfig:
     heartbeat_interval_s: float = 5.0     # engines report liveness this often while busy
     heartbeat_timeout_s: float = 120.0    # silence after which an engine counts as dead
     initial_version: int = 0              # the version of the weights the engines start from
+    # the job's control-channel secret; None: $MEGATRON_RL_SECRET (never printed: repr=False)
+    secret: Optional[str] = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         def bad(key, why):
@@ -96,7 +98,10 @@ class RemoteConfig:
             if not environ.get(var):
                 raise ValueError(f"disaggregated rollout: environment variable {var} is not set (launch.sh "
                                  "exports it to the train step when rollout.placement is disaggregated)")
-        return cls(rendezvous=environ[ENV_RENDEZVOUS], num_engines=int(environ[ENV_NUM_ENGINES]), **overrides)
+        # checked here, at the trainer's start-up validation, not when the engines are already up
+        secret = overrides.pop("secret", None) or load_secret(environ=environ).decode()
+        return cls(rendezvous=environ[ENV_RENDEZVOUS], num_engines=int(environ[ENV_NUM_ENGINES]), secret=secret,
+                   **overrides)
 
 
 def weight_version(rollout: Rollout) -> int:
@@ -193,17 +198,18 @@ class RemoteEngines:
         self._inflight: list[RolloutHandle] = []
         self._ids = itertools.count()
         self._broken: Optional[str] = None
+        self._secret = load_secret(config.secret)
         host, port = parse_address(config.rendezvous, "rendezvous")
         self.host = host
-        self._store = torch.distributed.TCPStore(host if host not in ("localhost",) else "127.0.0.1", port, None,
-                                                 True, timeout=datetime.timedelta(seconds=config.startup_timeout_s),
-                                                 wait_for_workers=False)
+        self._store = host_store(host, port, config.startup_timeout_s)   # the rendezvous interface only
         self.rendezvous = f"{host}:{self._store.port}"
         settings = {"num_engines": config.num_engines, "backend": self.backend,
                     "collective_timeout_s": config.collective_timeout_s,
                     "heartbeat_interval_s": config.heartbeat_interval_s, "initial_version": config.initial_version,
                     "engine_config": dataclasses.asdict(engine_config)}
-        self._store.set(SETTINGS_KEY, json.dumps(settings))
+        raw = json.dumps(settings).encode()
+        self._store.set(SETTINGS_MAC_KEY, sign(self._secret, raw))   # first: a server reads the MAC after the settings
+        self._store.set(SETTINGS_KEY, raw)
 
     def connect(self) -> "RemoteEngines":
         """Wait for every engine to register, join the weight group, open the control connections."""
@@ -228,10 +234,15 @@ class RemoteEngines:
         for i in range(r):
             sock = socket.create_connection(parse_address(addrs[i], f"engine {i} address"),
                                             timeout=cfg.startup_timeout_s)
+            try:   # mutual: the engine proves it holds the secret too, so its replies may be unpickled
+                channel = client_handshake(sock, self._secret)
+            except AuthError as e:
+                sock.close()
+                raise EngineError(i, f"rollout engine {i} of {r} ({addrs[i]}): authentication failed: {e}") from e
             sock.settimeout(None)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             proc = self.processes[i] if i < len(self.processes) else None
-            self._links.append(Link(i, r, addrs[i], sock, cfg.heartbeat_timeout_s,
+            self._links.append(Link(i, r, addrs[i], channel, cfg.heartbeat_timeout_s,
                                     proc.poll if proc is not None else None))
         for link in self._links:
             hello = link.wait("hello", cfg.startup_timeout_s, "start-up")
@@ -444,8 +455,14 @@ def start_local_engines(engine_config, num_engines: int, rendezvous: str = "127.
     goes to log_dir/engine<i>.log when given (else it is inherited). connect=False returns at once
     (call `client.connect()` later: the engines start meanwhile). Each server leads its own process
     session, so `os.killpg(p.pid, SIGKILL)` also ends its vLLM engine-core child. On a failure here
-    every started process is killed."""
-    client = RemoteEngines(RemoteConfig(rendezvous=rendezvous, num_engines=num_engines, **config_kw), engine_config)
+    every started process is killed. The job's secret: config_kw["secret"], else $MEGATRON_RL_SECRET, else
+    a fresh one made here (this process starts every server, so it can hand it over); it reaches the
+    servers through their environment, never their command line (visible to every user in `ps`).
+    Each server gets a parent-death signal (it dies with this process, and kills its vLLM children)."""
+    secret = config_kw.pop("secret", None) or os.environ.get(SECRET_ENV) or new_secret()
+    client = RemoteEngines(RemoteConfig(rendezvous=rendezvous, num_engines=num_engines, secret=secret,
+                                        **config_kw), engine_config)
+    env = child_env(**{SECRET_ENV: secret})
     procs = []
     try:
         for i in range(num_engines):
@@ -453,7 +470,7 @@ def start_local_engines(engine_config, num_engines: int, rendezvous: str = "127.
             cmd = [sys.executable, "-m", "megatron_rl.rollout.remote", "serve", "--rendezvous", client.rendezvous,
                    "--engine-rank", str(i), "--num-engines", str(num_engines),
                    "--startup-timeout", str(client.config.startup_timeout_s)]
-            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env,
                                           start_new_session=True))
             if out:
                 out.close()

@@ -5,20 +5,26 @@ Two channels connect the learner's rank 0 ("client", group rank 0) with R engine
 
 - control: one TCP socket per engine, length-prefixed pickles (requests, rollouts, acks, heartbeats).
   A socket rather than store keys because a dead peer shows up at once as EOF, and a blocking read can
-  be bounded by a deadline. Pickle means the network between learner and engines must be trusted
-  (the same assumption torch.distributed makes).
+  be bounded by a deadline. Pickle runs code on load, so every connection is authenticated first with
+  the job's secret (MEGATRON_RL_SECRET): a mutual HMAC challenge-response, then an HMAC-SHA256 over every
+  message (session key, direction, sequence number, length, payload) checked BEFORE it is unpickled.
+  A peer without the secret never gets a byte unpickled. Not encrypted: see docs/disaggregated.md.
 - weights: a process group of its own (never the learner's default world, which Megatron owns), built
   directly on the store: gloo on CPU, NCCL on GPU (vLLM's PyNcclCommunicator over its
   StatelessProcessGroup when importable, else torch's ProcessGroupNCCL). A bucket is broadcast once as
-  three collectives: a header [meta_bytes, data_bytes], the pickled per-tensor metadata, and one flat
-  uint8 buffer holding every tensor (16-byte aligned so each slice can be viewed as its dtype).
+  three collectives: a header [meta_bytes, data_bytes], the per-tensor metadata as JSON (never a
+  pickle: the group itself is not authenticated), and one flat uint8 buffer holding every tensor (16-byte aligned so each slice can be viewed as its dtype).
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
+import hmac
+import json
 import os
 import pickle
+import secrets
 import socket
 import struct
 import threading
@@ -44,10 +50,125 @@ class EngineError(RuntimeError):
 
 # ---- control channel ---------------------------------------------------------------------------------
 
-def send_msg(sock: socket.socket, obj: Any) -> None:
-    data = pickle.dumps(obj, protocol=5)
-    sock.sendall(_HEADER.pack(len(data)))
-    sock.sendall(data)
+SECRET_ENV = "MEGATRON_RL_SECRET"     # the per-job secret; launch.sh generates one and exports it to every node
+_MIN_SECRET_CHARS = 32
+_MAGIC = b"MRL-CTRL-HMAC-1\n"       # greeting + protocol version: an old or foreign peer fails at once
+_NONCE = 32
+_MAC = hashlib.sha256().digest_size
+
+
+class AuthError(ConnectionError):
+    """A peer failed authentication (wrong secret, not our protocol) or a message failed its MAC."""
+
+
+def new_secret() -> str:
+    return secrets.token_hex(32)
+
+
+def load_secret(value: Optional[str] = None, environ=None, what: str = "disaggregated rollout") -> bytes:
+    """The job's secret: `value` when given, else $MEGATRON_RL_SECRET; missing or short ones are refused
+    (there is no insecure default: a process without it must not start a control channel)."""
+    environ = os.environ if environ is None else environ
+    value = value if value is not None else environ.get(SECRET_ENV)
+    if not value:
+        raise ValueError(f"{what}: environment variable {SECRET_ENV} is not set. Every learner and engine "
+                         f"process of the job needs the same secret (launch.sh exports one per job; by hand: "
+                         f"export {SECRET_ENV}=$(python -c 'import secrets; print(secrets.token_hex(32))'))")
+    if len(value) < _MIN_SECRET_CHARS:
+        raise ValueError(f"{what}: {SECRET_ENV} is {len(value)} characters; use at least {_MIN_SECRET_CHARS} "
+                         "(e.g. secrets.token_hex(32))")
+    return value.encode()
+
+
+def _hmac(key: bytes, *parts: bytes) -> bytes:
+    h = hmac.new(key, digestmod=hashlib.sha256)
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+def sign(secret: bytes, data: bytes) -> str:
+    """Hex MAC of `data` under the job's secret (the settings the client writes into the store)."""
+    return _hmac(secret, b"mrl-sign", data).hex()
+
+
+def verify_signature(secret: bytes, data: bytes, mac: str) -> bool:
+    return hmac.compare_digest(sign(secret, data), mac)
+
+
+class Channel:
+    """An authenticated control connection (from `server_handshake` / `client_handshake`). Frame: 8-byte
+    length, 32-byte MAC, payload (a pickle). MAC = HMAC-SHA256(session key, direction, sequence, length,
+    payload): the session key is fresh per connection (both nonces), so a frame recorded elsewhere is
+    useless; the direction and the sequence number stop reflection, replay, reordering and dropping
+    within the connection. The MAC is checked before pickle.loads: nothing unauthenticated is unpickled."""
+
+    def __init__(self, sock: socket.socket, key: bytes, send_label: bytes, recv_label: bytes):
+        self.sock, self._key = sock, key
+        self._send_label, self._recv_label = send_label, recv_label
+        self._send_seq = self._recv_seq = 0
+        self._send_lock = threading.Lock()    # the server's heartbeat thread sends too
+
+    def send(self, obj: Any) -> None:
+        data = pickle.dumps(obj, protocol=5)
+        with self._send_lock:
+            head = _HEADER.pack(len(data))
+            mac = _hmac(self._key, self._send_label, self._send_seq.to_bytes(8, "big"), head, data)
+            self._send_seq += 1
+            self.sock.sendall(head + mac)
+            self.sock.sendall(data)
+
+    def recv(self) -> Any:
+        head = bytes(_recv_exact(self.sock, _HEADER.size))
+        (n,) = _HEADER.unpack(head)
+        mac = bytes(_recv_exact(self.sock, _MAC))
+        data = _recv_exact(self.sock, n)
+        want = _hmac(self._key, self._recv_label, self._recv_seq.to_bytes(8, "big"), head, data)
+        if not hmac.compare_digest(mac, want):
+            raise AuthError(f"message {self._recv_seq} failed its MAC (forged, corrupted or replayed): "
+                            "refused before unpickling")
+        self._recv_seq += 1
+        return pickle.loads(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def server_handshake(sock: socket.socket, secret: bytes) -> Channel:
+    """The accepting side: challenge, check the client's proof (constant-time), prove we hold the secret
+    too (the client trusts our replies only then). Raises AuthError naming the reason."""
+    ns = os.urandom(_NONCE)
+    sock.sendall(_MAGIC + ns)
+    try:
+        got = bytes(_recv_exact(sock, len(_MAGIC) + _NONCE + _MAC))
+    except ConnectionError as e:
+        raise AuthError(f"no authentication reply ({e})") from e
+    if got[:len(_MAGIC)] != _MAGIC:
+        raise AuthError("not a megatron_rl control client (bad greeting)")
+    nc, proof = got[len(_MAGIC):len(_MAGIC) + _NONCE], got[len(_MAGIC) + _NONCE:]
+    if not hmac.compare_digest(proof, _hmac(secret, b"client", ns, nc)):
+        raise AuthError(f"wrong secret (its challenge response does not match this job's {SECRET_ENV})")
+    sock.sendall(_hmac(secret, b"server", ns, nc))
+    return Channel(sock, _hmac(secret, b"session", ns, nc), b"s2c", b"c2s")
+
+
+def client_handshake(sock: socket.socket, secret: bytes) -> Channel:
+    """The connecting side of server_handshake."""
+    try:
+        got = bytes(_recv_exact(sock, len(_MAGIC) + _NONCE))
+        if got[:len(_MAGIC)] != _MAGIC:
+            raise AuthError("the peer is not a megatron_rl engine server (bad greeting)")
+        ns, nc = got[len(_MAGIC):], os.urandom(_NONCE)
+        sock.sendall(_MAGIC + nc + _hmac(secret, b"client", ns, nc))
+        proof = bytes(_recv_exact(sock, _MAC))
+    except AuthError:
+        raise
+    except (ConnectionError, OSError) as e:
+        raise AuthError(f"the engine closed the connection during authentication ({e}): does it hold the "
+                        f"same {SECRET_ENV}? (its log names the reason)") from e
+    if not hmac.compare_digest(proof, _hmac(secret, b"server", ns, nc)):
+        raise AuthError(f"the engine's proof does not match: it does not hold this job's {SECRET_ENV}")
+    return Channel(sock, _hmac(secret, b"session", ns, nc), b"c2s", b"s2c")
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
@@ -61,9 +182,44 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def recv_msg(sock: socket.socket) -> Any:
-    (n,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
-    return pickle.loads(_recv_exact(sock, n))
+def bind_address(host: str) -> str:
+    """The local address to listen on for `host` (the configured / advertised one): that interface only.
+    "" / "0.0.0.0" / "*" mean every interface, on request only. A cluster hostname that resolves to a
+    loopback address here (Debian's 127.0.1.1 line in /etc/hosts) would be unreachable from other
+    nodes: then every interface, with a warning (the channel is authenticated either way)."""
+    if host in ("", "0.0.0.0", "*"):
+        return ""
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        addr = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except socket.gaierror as e:
+        raise ValueError(f"cannot resolve the address to listen on, {host!r}: {e}") from e
+    if addr.startswith("127.") and not host.startswith("127."):
+        import logging
+
+        logging.getLogger(__name__).warning("%s resolves to the loopback address %s here: listening on every "
+                                            "interface so other nodes can connect", host, addr)
+        return ""
+    return addr
+
+
+def listen_socket(host: str, port: int = 0) -> socket.socket:
+    """A listening TCP socket on bind_address(host) (SO_REUSEADDR, as torch's store sets it)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((bind_address(host), port))
+    sock.listen(128)
+    return sock
+
+
+def host_store(host: str, port: int, timeout_s: float):
+    """A TCPStore server listening on `host`'s interface only. TCPStore has no host-binding option (it
+    listens on every interface); it does accept an already listening socket (master_listen_fd)."""
+    sock = listen_socket(host, port)
+    port = sock.getsockname()[1]
+    return torch.distributed.TCPStore(host, port, None, True, timeout=datetime.timedelta(seconds=timeout_s),
+                                      wait_for_workers=False, master_listen_fd=sock.detach())
 
 
 def parse_address(addr: str, what: str) -> tuple[str, int]:
@@ -78,11 +234,11 @@ class Link:
     the time of every message (heartbeats included), so a waiting caller can tell a slow engine (still
     beating) from a dead one (EOF, or silence longer than `heartbeat_timeout_s`)."""
 
-    def __init__(self, engine_rank: int, num_engines: int, address: str, sock: socket.socket,
+    def __init__(self, engine_rank: int, num_engines: int, address: str, channel: Channel,
                  heartbeat_timeout_s: float, exit_code: Optional[Callable[[], Optional[int]]] = None):
         self.engine_rank, self.address = engine_rank, address
         self.label = f"rollout engine {engine_rank} of {num_engines} ({address})"
-        self.sock = sock
+        self.channel, self.sock = channel, channel.sock
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._exit_code = exit_code            # a locally started process's poll(), for better messages
         self._cond = threading.Condition()
@@ -95,7 +251,7 @@ class Link:
     def _read(self) -> None:
         try:
             while True:
-                msg = recv_msg(self.sock)
+                msg = self.channel.recv()
                 with self._cond:
                     self.last_seen = time.monotonic()
                     if msg.get("type") != "heartbeat":
@@ -120,7 +276,7 @@ class Link:
         if self.dead:
             raise self.error(self.dead, what)
         try:
-            send_msg(self.sock, msg)
+            self.channel.send(msg)
         except OSError as e:
             with self._cond:
                 self.dead = self.dead or f"sending failed ({e})"
@@ -217,7 +373,7 @@ class WeightGroup:
             nbytes = t.numel() * t.element_size()
             meta.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, nbytes))
             offset += -(-nbytes // _ALIGN) * _ALIGN
-        meta_bytes = pickle.dumps(meta)
+        meta_bytes = json.dumps(meta).encode()
         self._bcast(torch.tensor([len(meta_bytes), offset], dtype=torch.int64, device=self.device))
         self._bcast(torch.frombuffer(bytearray(meta_bytes), dtype=torch.uint8).to(self.device))
         data = torch.empty(offset, dtype=torch.uint8, device=self.device)
@@ -242,7 +398,7 @@ class WeightGroup:
             raise StreamAborted("the learner aborted the weight stream (its iterator raised)")
         meta_t = torch.empty(meta_len, dtype=torch.uint8, device=self.device)
         self._bcast(meta_t)
-        meta = pickle.loads(meta_t.cpu().numpy().tobytes())
+        meta = json.loads(meta_t.cpu().numpy().tobytes())
         data = torch.empty(data_len, dtype=torch.uint8, device=self.device)
         self._bcast(data)
         # clones: safetensors (the engine's load path) refuses tensors that share one storage

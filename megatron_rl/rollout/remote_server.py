@@ -12,6 +12,16 @@ control connection, then serve requests ONE AT A TIME in arrival order. That ser
 whole consistency story: a weight update never interleaves with a generation, and every rollout
 carries the version of the weights it was generated with. A heartbeat thread reports liveness while
 a request runs. The server exits when the client says shutdown or its connection closes.
+
+Trust: a server refuses to start without $MEGATRON_RL_SECRET (no generated fallback: a secret only the
+server knew would be useless, and printing it would leak it into logs); it uses the store's settings
+only if they carry the secret's MAC, listens on the advertised interface only, and accepts only a
+client that passes the HMAC handshake (remote_comm); every other peer is logged and refused.
+
+Lifetime: the server dies with its parent (PR_SET_PDEATHSIG + a watchdog thread), and whenever it
+goes (shutdown, SIGTERM, parent death, an error) it first SIGKILLs its descendants (vLLM's engine core
+and workers, which vLLM starts and would otherwise outlive the job) and, when it leads its process
+group, the group.
 """
 
 from __future__ import annotations
@@ -33,10 +43,86 @@ from typing import Optional
 
 import torch
 
-from megatron_rl.rollout.remote_comm import StreamAborted, WeightGroup, parse_address, recv_msg, send_msg
+from megatron_rl.rollout.remote_comm import (SECRET_ENV, AuthError, Channel, StreamAborted, WeightGroup, listen_socket,
+                                             load_secret, parse_address, server_handshake, verify_signature)
 
 log = logging.getLogger(__name__)
-SETTINGS_KEY = "mrl/settings"
+SETTINGS_KEY, SETTINGS_MAC_KEY = "mrl/settings", "mrl/settings_mac"
+PARENT_PID_ENV = "MRL_PARENT_PID"     # set by whoever starts a server: closes the start-up race of the death signal
+HANDSHAKE_TIMEOUT_S = 10.0            # a peer that connects and stays silent must not block the listener
+
+
+# ---- process lifetime ----------------------------------------------------------------------------------
+
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
+    """prctl(PR_SET_PDEATHSIG, sig): the kernel sends `sig` to this process when its parent (strictly:
+    the parent's thread that forked it) exits, however it exits (kill -9 included). Linux only; False
+    elsewhere. Kept across exec, so it also holds for a server started by a launcher's Popen."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(1, int(sig), 0, 0, 0) == 0      # 1 = PR_SET_PDEATHSIG
+
+
+def kill_descendants() -> None:
+    """SIGKILL every process below this one (vLLM's engine core and its workers) and, when this process
+    leads its own process group, the rest of the group (children that were re-parented away), but not
+    this process itself."""
+    import psutil     # a vLLM dependency, so always present where a server runs
+
+    try:
+        kids = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        kids = []
+    for kid in kids:
+        try:
+            kid.kill()
+        except psutil.Error:
+            pass
+    me = os.getpid()
+    if os.getpgid(0) == me:       # our group, minus ourselves (the caller's exit code must survive)
+        for proc in psutil.process_iter():
+            try:
+                if proc.pid != me and os.getpgid(proc.pid) == me:
+                    proc.kill()
+                    kids.append(proc)
+            except (psutil.Error, OSError):
+                pass
+    psutil.wait_procs(kids, timeout=5)
+
+
+def _die(code: int, why: str) -> None:
+    log.warning("%s: killing my descendants and exiting", why)
+    logging.shutdown()
+    kill_descendants()
+    os._exit(code)
+
+
+def tie_to_parent(poll_s: float = 1.0) -> None:
+    """Die with the parent process. The death signal (SIGTERM, handled: the handler kills the descendants
+    first) is the fast path; a watchdog thread that polls the parent pid is the sure one (a handler only
+    runs when the main thread returns to Python, and a parent that died before the prctl call sends no
+    signal). The expected parent is $MRL_PARENT_PID when the starter set it, else the current one."""
+    parent = int(os.environ.get(PARENT_PID_ENV) or os.getppid())
+    set_parent_death_signal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: _die(143, "SIGTERM"))
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                _die(1, f"parent process {parent} is gone")
+            time.sleep(poll_s)
+
+    if os.getppid() != parent:
+        _die(1, f"parent process {parent} exited before I started")
+    threading.Thread(target=watch, name="mrl-parent-watchdog", daemon=True).start()
+
+
+def child_env(environ=None, **extra) -> dict:
+    """The environment for a server process this process starts (its parent pid for tie_to_parent)."""
+    return {**(os.environ if environ is None else environ), PARENT_PID_ENV: str(os.getpid()), **extra}
 
 
 def engine_addr_key(engine_rank: int) -> str:
@@ -77,13 +163,22 @@ def _advertise_host(rendezvous_host: str) -> str:
 
 class EngineServer:
     def __init__(self, rendezvous: str, engine_rank: int, num_engines: int, startup_timeout_s: float,
-                 engine_config: Optional[dict] = None, advertise_host: Optional[str] = None):
+                 engine_config: Optional[dict] = None, advertise_host: Optional[str] = None,
+                 secret: Optional[bytes] = None):
         if not 0 <= engine_rank < num_engines:
             raise ValueError(f"--engine-rank must be in [0, {num_engines}), got {engine_rank}")
+        self.secret = secret if secret is not None else load_secret(what="rollout engine server")
         self.rank, self.num_engines = engine_rank, num_engines
         self.label = f"engine {engine_rank}/{num_engines}"
         self.store = connect_store(rendezvous, startup_timeout_s)
-        settings = json.loads(self.store.get(SETTINGS_KEY))
+        raw = self.store.get(SETTINGS_KEY)
+        # the store is torch's (unauthenticated): anyone reaching it could rewrite the settings (e.g. the
+        # model path), so they count only with the client's MAC
+        if not (self.store.check([SETTINGS_MAC_KEY])
+                and verify_signature(self.secret, raw, self.store.get(SETTINGS_MAC_KEY).decode())):
+            raise AuthError(f"{self.label}: the settings at {rendezvous} do not carry this job's MAC: the learner "
+                            f"runs with a different {SECRET_ENV}, or someone else wrote them")
+        settings = json.loads(raw)
         if settings["num_engines"] != num_engines:
             raise ValueError(f"--num-engines is {num_engines} but the learner expects {settings['num_engines']}")
         self.settings = settings
@@ -94,15 +189,17 @@ class EngineServer:
 
         self.engine = RolloutEngine(cfg)
         host = advertise_host or _advertise_host(parse_address(rendezvous, "--rendezvous")[0])
-        self.listener = socket.create_server(("", 0))
-        self.listener.settimeout(startup_timeout_s)
+        self.listener = listen_socket(host)     # the advertised interface only
         self.store.set(engine_addr_key(engine_rank), f"{host}:{self.listener.getsockname()[1]}")
         log.info("%s: engine up, joining the weight group (%s)", self.label, settings["backend"])
         self.group = WeightGroup(self.store, engine_rank + 1, num_engines + 1, settings["backend"],
                                  float(settings["collective_timeout_s"]), host)
-        self.conn, _ = self.listener.accept()
-        self.conn.settimeout(None)
+        self.channel = accept_client(self.listener, self.secret, startup_timeout_s, self.label)
+        self.conn = self.channel.sock
         self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        # later connections are still answered (and refused, logged), so a scan or a stray peer is visible
+        threading.Thread(target=refuse_forever, args=(self.listener, self.secret, self.label),
+                         name="mrl-refuse", daemon=True).start()
         self._send_lock = threading.Lock()
         self._stop = threading.Event()
         self._send({"id": "hello", "engine_rank": engine_rank, "version": self.version,
@@ -111,7 +208,7 @@ class EngineServer:
 
     def _send(self, msg: dict) -> None:
         with self._send_lock:
-            send_msg(self.conn, msg)
+            self.channel.send(msg)
 
     def _heartbeat(self) -> None:
         interval = float(self.settings["heartbeat_interval_s"])
@@ -126,7 +223,11 @@ class EngineServer:
         try:
             while True:
                 try:
-                    msg = recv_msg(self.conn)
+                    msg = self.channel.recv()
+                except AuthError as e:      # authenticated peer, forged frame: the connection is not ours
+                    log.error("%s: refused a message from the client %s: %s: shutting down", self.label,
+                              _peer(self.conn), e)
+                    return
                 except (ConnectionError, OSError):
                     log.warning("%s: the client's connection closed: shutting down", self.label)
                     return
@@ -161,7 +262,7 @@ class EngineServer:
         # ready -> go: the client enters the collective only when EVERY engine is here, so one dead
         # engine cancels the stream instead of stranding the others inside a broadcast
         self._send({"id": (msg["id"], "ready")})
-        follow = recv_msg(self.conn)["type"]
+        follow = self.channel.recv()["type"]
         if follow == "cancel":
             return {"cancelled": True}
         if follow != "go":
@@ -200,6 +301,58 @@ class EngineServer:
         return {"tensors": loaded, "load_seconds": seconds, "version": self.version}
 
 
+def _peer(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
+
+
+def _authenticate(conn: socket.socket, secret: bytes, label: str) -> Optional[Channel]:
+    """The handshake with one accepted connection; a refusal is logged (peer, reason) and closes it."""
+    peer = _peer(conn)
+    conn.settimeout(HANDSHAKE_TIMEOUT_S)
+    try:
+        channel = server_handshake(conn, secret)
+    except (AuthError, OSError) as e:
+        log.warning("%s: refused connection from %s: %s", label, peer, e)
+        conn.close()
+        return None
+    conn.settimeout(None)
+    return channel
+
+
+def accept_client(listener: socket.socket, secret: bytes, timeout_s: float, label: str) -> Channel:
+    """The first connection that authenticates, within timeout_s; refused peers do not stop the wait."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        listener.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            conn, _ = listener.accept()
+        except socket.timeout:
+            raise TimeoutError(f"{label}: no authenticated client connected within {timeout_s:g} s") from None
+        channel = _authenticate(conn, secret, label)
+        if channel is not None:
+            log.info("%s: client %s authenticated", label, _peer(conn))
+            return channel
+
+
+def refuse_forever(listener: socket.socket, secret: bytes, label: str) -> None:
+    """After the client connected: authenticate and turn away every further peer, logging each."""
+    listener.settimeout(None)
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        peer = _peer(conn)
+        channel = _authenticate(conn, secret, label)
+        if channel is not None:
+            log.warning("%s: refused connection from %s: this engine already serves its client", label, peer)
+            channel.close()
+
+
 def _merge_check(into, part) -> None:
     into.num_checked += part.num_checked
     into.max_abs_diff = max(into.max_abs_diff, part.max_abs_diff)
@@ -212,19 +365,25 @@ def _merge_check(into, part) -> None:
 
 def serve_main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format=f"[engine {args.engine_rank}] %(asctime)s %(message)s")
+    try:
+        secret = load_secret(what="rollout engine server")   # refuse to start without it (no fallback)
+    except ValueError as e:
+        log.error("engine %d: %s", args.engine_rank, e)
+        return 2
+    tie_to_parent()
     cfg = json.loads(args.config_json) if args.config_json else None
     try:
         server = EngineServer(args.rendezvous, args.engine_rank, args.num_engines, args.startup_timeout,
-                              engine_config=cfg, advertise_host=args.advertise_host)
+                              engine_config=cfg, advertise_host=args.advertise_host, secret=secret)
         server.serve()
     except BaseException:
         log.exception("engine %d: failed", args.engine_rank)
-        logging.shutdown()
-        os._exit(1)
+        _die(1, f"engine {args.engine_rank} failed")
     log.info("engine %d: stopped", args.engine_rank)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    kill_descendants()     # whatever vLLM left behind after its shutdown (then the group, us included)
     # the engine is shut down explicitly above; skip interpreter teardown, which was measured to hang
     # past 30 s here (vLLM's and gloo's leftover threads and handles)
     os._exit(0)
@@ -233,11 +392,13 @@ def serve_main(args: argparse.Namespace) -> int:
 def node_main(args: argparse.Namespace) -> int:
     """K engine servers on this node, each on its own T GPUs (a slice of CUDA_VISIBLE_DEVICES when SLURM
     set one); the first to fail brings the others down, so the step fails as a whole."""
+    load_secret(what="rollout engine node")     # fail here, once, rather than in each server
+    set_parent_death_signal(signal.SIGTERM)     # srun's step dies -> this dies -> its servers die (theirs)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = visible.split(",") if visible else [str(i) for i in range(args.engines_per_node * args.gpus_per_engine)]
     procs = []
     for local in range(args.engines_per_node):
-        env = dict(os.environ)
+        env = child_env()
         if args.gpus_per_engine:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(
                 gpus[local * args.gpus_per_engine:(local + 1) * args.gpus_per_engine])
@@ -245,7 +406,8 @@ def node_main(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "megatron_rl.rollout.remote", "serve", "--rendezvous", args.rendezvous,
                "--engine-rank", str(rank), "--num-engines", str(args.num_engines),
                "--startup-timeout", str(args.startup_timeout)]
-        procs.append(subprocess.Popen(cmd, env=env))
+        # own session: the server kills its group (vLLM's processes) on exit without touching this one
+        procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
     code = 0
     try:
         while procs and code == 0:

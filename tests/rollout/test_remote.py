@@ -53,6 +53,7 @@ def cluster(tiny_model, request, tmp_path_factory):
     try:
         request.getfixturevalue("engine")      # builds the local reference engine meanwhile
         client.connect()
+        client.test_log_dir = log_dir
         print(f"\n2 engine servers + local engine up in {time.perf_counter() - t0:.0f} s (logs: {log_dir})")
         yield client, procs
     finally:
@@ -156,8 +157,12 @@ def test_remote_config_names_the_bad_key():
         RemoteConfig(rendezvous="h:1", num_engines=1, heartbeat_interval_s=5, heartbeat_timeout_s=8)
     with pytest.raises(ValueError, match="MRL_NUM_ENGINES"):
         RemoteConfig.from_env({"MRL_ENGINE_RENDEZVOUS": "h:1"})
-    cfg = RemoteConfig.from_env({"MRL_ENGINE_RENDEZVOUS": "gpu001:31002", "MRL_NUM_ENGINES": "8"}, backend="gloo")
-    assert (cfg.rendezvous, cfg.num_engines, cfg.backend) == ("gpu001:31002", 8, "gloo")
+    env = {"MRL_ENGINE_RENDEZVOUS": "gpu001:31002", "MRL_NUM_ENGINES": "8"}
+    with pytest.raises(ValueError, match="MEGATRON_RL_SECRET is not set"):     # at start-up, not at connect
+        RemoteConfig.from_env(env)
+    cfg = RemoteConfig.from_env({**env, "MEGATRON_RL_SECRET": "x" * 64}, backend="gloo")
+    assert (cfg.rendezvous, cfg.num_engines, cfg.backend, cfg.secret) == ("gpu001:31002", 8, "gloo", "x" * 64)
+    assert "x" * 64 not in repr(cfg)                                          # never printed
 
 
 def test_launch_sh_places_engines_on_the_last_nodes(tmp_path):
@@ -206,6 +211,46 @@ def test_launch_sh_places_engines_on_the_last_nodes(tmp_path):
     # the engine step runs in the background: its line and the train step's may come in either order
     assert [a for a in ran if a[0] == "python"] == [["python"] + engines[0][1][1:]]
     assert [a for a in ran if a[0] == "torchrun"] == [argv for _, argv in train]
+
+
+def test_engines_refuse_unauthenticated_peers_and_keep_serving(cluster, tiny_model, tmp_path):
+    """A peer with the wrong secret, and one sending a bare pickle (the old protocol), are refused by a real
+    engine server, which logs the peer and the reason, never unpickles, and goes on serving its client."""
+    import pickle
+    import socket
+
+    from megatron_rl.rollout.remote_comm import AuthError, client_handshake, parse_address
+
+    client, procs = cluster
+    addr = parse_address(client._links[0].address, "engine 0")
+    assert addr[0] == "127.0.0.1"
+    sock = socket.create_connection(addr, timeout=60)
+    port = sock.getsockname()[1]
+    with pytest.raises(AuthError):
+        client_handshake(sock, b"w" * 64)
+    sock.close()
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    raw = socket.create_connection(addr, timeout=60)
+    data = pickle.dumps(Payload())
+    raw.sendall(len(data).to_bytes(8, "big") + data + b"\0" * 64)
+    try:
+        while raw.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    raw.close()
+    prompts = prompt_ids(tiny_model[1], QUESTIONS[:2])
+    assert len(client.generate(prompts, step=11)) == 8          # both engines still serve the client
+    log = (client.test_log_dir / "engine0.log").read_text()
+    assert f"refused connection from 127.0.0.1:{port}: wrong secret" in log, log[-2000:]
+    assert "bad greeting" in log and not marker.exists()
+    # the secret reaches the servers through the environment, never their command line
+    assert all(not any("SECRET" in a or len(a) == 64 for a in p.args) for p in procs)
 
 
 def test_a_killed_engine_is_named_not_waited_for(cluster, tiny_model, original):   # keep LAST

@@ -12,6 +12,7 @@ its data-position logic is covered by tests/trainer/test_rollouts.py.)
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -36,7 +37,7 @@ def _run(tmp_path, demo, run_dir, tag):
     """One engine server + a 2-rank torchrun learner until the learner exits; (learner, engine rc, engine log)."""
     rendezvous = f"127.0.0.1:{_free_port()}"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MRL_ENGINE_RENDEZVOUS=rendezvous,
-               MRL_NUM_ENGINES="1")
+               MRL_NUM_ENGINES="1", MEGATRON_RL_SECRET=secrets.token_hex(32))   # the job's control-channel secret
     log_path = tmp_path / f"engine0_{tag}.log"
     with open(log_path, "w") as log:
         engine = subprocess.Popen([sys.executable, "-m", "megatron_rl.rollout.remote", "serve", "--rendezvous",
