@@ -157,6 +157,15 @@ class RolloutSection:
 @dataclass
 class RewardSection:
     fn: str = "math"              # math | exact_match | boxed_format | "package.module:function"
+    # limits on the verifier (rewards/worker.py): a call over timeout_s, or every sample left when a
+    # step's scoring exceeds step_timeout_s, scores 0 and is counted in reward/timeouts (and errors)
+    timeout_s: float = 30.0
+    step_timeout_s: float = 600.0
+
+    def __post_init__(self):
+        for key in ("timeout_s", "step_timeout_s"):
+            if not getattr(self, key) > 0:   # finiteness: the loader (utils/config.py)
+                raise ValueError(f"`reward.{key}` must be > 0, got {getattr(self, key)}")
 
     def check(self) -> None:
         """The function resolves (a user module imports and has it), before anything starts."""
@@ -263,11 +272,22 @@ class RLConfig:
         from megatron_rl.megatron.model import resolve_use_te
         from megatron_rl.trainer.rollouts import check_placement_env
 
-        self.check_layout(self.model.read_model_config(), world_size)
+        model = self.model.read_model_config()
+        self.check_layout(model, world_size)
+        self.check_topk(model)
         self.check_hardware(use_te=resolve_use_te(None))
         check_placement_env(self.rollout.placement)
         self.data.check_readable()
         self.reward.check()
+
+    def check_topk(self, model: ModelConfig) -> None:
+        """The engines' top-K must fit the vocabulary: vLLM fails inside the engine otherwise ("selected
+        index k out of range", EngineDeadError) after the conversion and the engine start. vLLM's
+        max_logprobs is no second limit: the engine sets it to max(K, 20) (rollout/engine.py) and
+        extra_engine_args may not override it."""
+        if self.logprobs_topk > model.vocab_size:
+            raise ValueError(f"`loss.topk` = {self.loss.topk} is larger than the model's vocabulary "
+                             f"(vocab_size = {model.vocab_size}); the top-K divergence needs K <= vocab_size")
 
     def check_hardware(self, use_te: bool) -> None:
         """What the machine must offer for these settings. use_te: whether the transformer-engine layer
@@ -307,5 +327,11 @@ class RLConfig:
         return world_size // per_replica
 
 
+# Float keys that may be infinite; every other float key must be finite (the loader refuses NaN and inf
+# naming the key). delta_b = inf is the DPPO limit of the prefix-average budget (losses/config.py), a
+# documented setting. Not loss.tis_cap: "no cap" is null there, and LossConfig refuses inf.
+INF_ALLOWED = frozenset({"loss.delta_b"})
+
+
 def load_rl_config(path: str | Path | None, overrides: list[str] | None = None) -> RLConfig:
-    return load_dataclass(RLConfig, path, overrides)
+    return load_dataclass(RLConfig, path, overrides, allow_inf=INF_ALLOWED)

@@ -9,6 +9,7 @@ its `state_dict()` (epoch, position) makes it resume exactly.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Iterator, Literal, Optional
 FORMATS = ("auto", "jsonl", "parquet")
 ON_BAD = ("error", "skip")
 _MISSING = object()
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,7 +31,9 @@ class DataConfig:
                                             # list of chat messages [{"role", "content"}]
     answer_key: Optional[str] = "answer"    # None when the reward needs no answer
     format: Literal["auto", "jsonl", "parquet"] = "auto"   # auto: by extension (.jsonl / .json / .parquet)
-    on_bad_line: Literal["error", "skip"] = "error"        # error: stop naming file:line; skip: skip and count
+    # error: a bad row stops the load naming file:line; skip: skip and count. A prompt over the token limit
+    # is skipped in both (counted, warned with its file:line)
+    on_bad_line: Literal["error", "skip"] = "error"
     apply_chat_template: bool = True        # the tokenizer's chat template, generation prompt added
     system_prompt: Optional[str] = None     # prepended as a system message when templating
     keep_keys: tuple[str, ...] = ()         # other fields copied into PromptRecord.info
@@ -149,6 +153,7 @@ class PromptDataset:
         self.config, self.max_prompt_tokens = config, max_prompt_tokens
         self.records: list[PromptRecord] = []
         self.stats = {"rows": 0, "bad_records_skipped": 0, "too_long_skipped": 0, "kept": 0}
+        self.too_long_where: list[str] = []     # the first few skipped over-long prompts' file:line
         self._load(tokenizer)
 
     def _row_to_text(self, row: Any, where: str, tokenizer) -> tuple[str, Any, dict]:
@@ -178,7 +183,7 @@ class PromptDataset:
         path = str(cfg.train_path)
         cfg.check_readable()
         rows = _read_jsonl(path) if cfg.resolved_format() == "jsonl" else _read_parquet(path, cfg)
-        pending: list[tuple[int, str, Any, dict]] = []
+        pending: list[tuple[int, str, str, Any, dict]] = []
         for index, where, row in rows:
             self.stats["rows"] += 1
             try:
@@ -188,7 +193,7 @@ class PromptDataset:
                     raise
                 self.stats["bad_records_skipped"] += 1
                 continue
-            pending.append((index, text, answer, info))
+            pending.append((index, where, text, answer, info))
             if len(pending) >= 1024:
                 self._tokenize(pending, tokenizer)
                 pending = []
@@ -196,16 +201,29 @@ class PromptDataset:
         self.stats["kept"] = len(self.records)
         if not self.records:
             raise ValueError(f"{path}: no usable prompts ({self.stats})")
+        if self.stats["too_long_skipped"]:
+            log.warning("%s: %s", path, self.too_long_message())
+
+    def too_long_message(self) -> str:
+        """What the skipped over-long prompts were (the load's warning, and the loop's once per epoch)."""
+        n, first = self.stats["too_long_skipped"], ", ".join(self.too_long_where)
+        return (f"{n} of {self.stats['rows']} prompts are longer than {self.max_prompt_tokens} tokens "
+                f"(rollout.max_prompt_length) and are skipped (first: {first}); raise the limit to keep them")
 
     def _tokenize(self, pending, tokenizer) -> None:
         if not pending:
             return
         # a chat template writes its own special tokens (BOS included when the model uses one)
         special = not self.config.apply_chat_template
-        ids = tokenizer([p[1] for p in pending], add_special_tokens=special)["input_ids"]
-        for (index, text, answer, info), prompt_ids in zip(pending, ids):
+        ids = tokenizer([p[2] for p in pending], add_special_tokens=special)["input_ids"]
+        for (index, where, text, answer, info), prompt_ids in zip(pending, ids):
             if len(prompt_ids) > self.max_prompt_tokens:
+                # not a bad row, in either on_bad_line mode: a length filter is the common intent, and
+                # failing a real data set for a few long prompts would be worse; the load's warning and
+                # the per-epoch one (trainer/rollouts.py) give the count and the first rows' file:line
                 self.stats["too_long_skipped"] += 1
+                if len(self.too_long_where) < 5:
+                    self.too_long_where.append(f"{where} ({len(prompt_ids)} tokens)")
                 continue
             if not prompt_ids:
                 if self.config.on_bad_line == "error":

@@ -24,6 +24,8 @@ rollout with the version it was generated with; lag = step - version is logged e
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
@@ -34,6 +36,8 @@ import torch.distributed as dist
 from megatron_rl.rewards.base import SafeReward
 from megatron_rl.trainer.advantages import compute_advantages
 from megatron_rl.trainer.data import PromptDataset, PromptLoader
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:   # annotations only: config.py imports this module for check_placement_env
     from megatron_rl.trainer.config import RLConfig
@@ -98,7 +102,9 @@ class Rollouts:
         self.loader = PromptLoader(self.dataset, cfg.train.prompts_per_step)
         if data_state is not None:   # resuming: the position after the checkpointed step's prompts
             self.loader.load_state_dict(data_state)
-        self.reward = SafeReward.from_spec(cfg.reward.fn)
+        self.reward = SafeReward.from_spec(cfg.reward.fn, timeout_s=cfg.reward.timeout_s,
+                                           step_timeout_s=cfg.reward.step_timeout_s)
+        self._data_epoch: Optional[int] = None   # the last epoch whose data stats were logged
         self.engine = make_engine(self.cfg.placement, engine_config(cfg, hf_dir)) if dist.get_rank() == 0 else None
         self.queue = RolloutQueue(self.engine, self.loader, self.cfg.max_off_policy_lag, cfg.train.steps, version)
 
@@ -106,6 +112,7 @@ class Rollouts:
     def take(self, step: int) -> StepRollout:
         """Step `step`'s rollout (RolloutQueue.take); the lag metrics start the step's metrics."""
         records, rollout, data_state, metrics = self.queue.take(step)
+        metrics.update(self._data_stats(data_state["epoch"]))
         return StepRollout(step, records, rollout, data_state, metrics)
 
     def score(self, batch: StepRollout) -> Optional[tuple[Any, torch.Tensor]]:
@@ -115,16 +122,33 @@ class Rollouts:
         rollout = batch.rollout
         if rollout is None:
             return None
-        errors_before = self.reward.errors
-        rollout.set_rewards([self.reward(s.response_text, s.info.get("answer")) for s in rollout.samples])
+        errors_before, timeouts_before, t0 = self.reward.errors, self.reward.timeouts, time.monotonic()
+        # one batch: one round trip to the reward worker, within reward.step_timeout_s
+        rollout.set_rewards(self.reward.score([s.response_text for s in rollout.samples],
+                                              [s.info.get("answer") for s in rollout.samples]))
+        reward_seconds = time.monotonic() - t0
         rewards = rollout.rewards
         adv = compute_advantages(rewards, rollout.group_ids, self.advantage)
         batch.metrics.update(rollout.stats)
         batch.metrics.update(adv.metrics())
         batch.metrics.update({"reward/mean": float(rewards.mean()), "reward/max": float(rewards.max()),
-                              "reward/errors": self.reward.errors - errors_before})
+                              "reward/errors": self.reward.errors - errors_before,
+                              "reward/timeouts": self.reward.timeouts - timeouts_before,
+                              "reward/seconds": reward_seconds})
         self._record(batch)
         return rollout.select(adv.keep), adv.advantages[adv.keep]
+
+    def _data_stats(self, epoch: int) -> dict:
+        """The prompts skipped at load, once per epoch (the first step of each, and the first after a
+        resume): a skipped over-long prompt is skipped again every epoch, so it is reported as often."""
+        if epoch == self._data_epoch:
+            return {}
+        self._data_epoch = epoch
+        stats = self.dataset.stats
+        if stats["too_long_skipped"] and (not dist.is_initialized() or dist.get_rank() == 0):
+            log.warning("data epoch %d: %s", epoch, self.dataset.too_long_message())
+        return {"data/epoch": epoch, "data/too_long_skipped": stats["too_long_skipped"],
+                "data/bad_records_skipped": stats["bad_records_skipped"]}
 
     def _record(self, batch: StepRollout, examples: int = 4) -> None:
         """run_dir/rollouts.jsonl: which prompts each step used, their rewards, and a few responses."""
@@ -188,6 +212,7 @@ class Rollouts:
         """stopped: the job stops on request; remote servers then get a short timeout, since with lag 1
         they may be generating a step nobody waits for (they exit on disconnect). The local engine's
         shutdown takes no timeout."""
+        self.reward.close()   # the reward worker process, on every rank (only rank 0 started one)
         if self.engine is None:
             return
         remote = self.cfg.placement == "disaggregated"

@@ -4,13 +4,15 @@
 
 Every field is checked against its annotation (int, float, bool, str, Optional, Literal, list, dict,
 nested dataclasses); an unknown key names the section and lists the known keys; a wrong value names the
-full key path. Dataclasses may validate themselves in __post_init__ (raise ValueError): the message is
+full key path; a float key must be finite (NaN / inf refused, except the keys a caller allows to be
+infinite). Dataclasses may validate themselves in __post_init__ (raise ValueError): the message is
 prefixed with the section's key path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -27,7 +29,7 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, allow_inf: frozenset = frozenset()) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -42,7 +44,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, arg, key, allow_inf)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else
@@ -58,12 +60,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"config key `{key}` must be a mapping (section), got {value!r}")
-        return _build(tp, value, key)
+        return _build(tp, value, key, allow_inf)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key `{key}` must be a list, got {value!r}")
         (item_tp, *_) = typing.get_args(tp) or (Any,)   # list[X] / tuple[X, ...]
-        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(v, item_tp, f"{key}[{i}]", allow_inf) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
@@ -78,14 +80,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"config key `{key}` must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-6 as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads 1e-6 as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config key `{key}` must be a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"config key `{key}` must be a number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -93,7 +98,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build(cls, data: dict, prefix: str = ""):
+def _check_finite(value: Any, key: str, allow_inf: frozenset) -> None:
+    # NaN compares false with everything, so `lr <= 0`-style checks in __post_init__ let it through, and
+    # inf passes every lower bound: refused for every float key once its section has run its own checks
+    # (their messages, which say the allowed range, come first)
+    if isinstance(value, float):
+        if math.isnan(value) or (math.isinf(value) and key not in allow_inf):
+            raise ConfigError(f"config key `{key}` must be a finite number, got {value}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]", allow_inf)
+
+
+def _build(cls, data: dict, prefix: str = "", allow_inf: frozenset = frozenset()):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
@@ -106,14 +123,17 @@ def _build(cls, data: dict, prefix: str = ""):
     if missing:
         raise ConfigError(f"config key(s) {', '.join('`' + _join(prefix, m) + '`' for m in missing)} "
                           f"required but not given")
-    kwargs = {name: _coerce(v, hints[name], _join(prefix, name)) for name, v in data.items()}
+    kwargs = {name: _coerce(v, hints[name], _join(prefix, name), allow_inf) for name, v in data.items()}
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
         section = f"config section `{prefix}`" if prefix else "config"
         raise ConfigError(f"{section}: {e}") from None
+    for name, value in kwargs.items():   # the nested sections were checked by their own _build
+        _check_finite(value, _join(prefix, name), allow_inf)
+    return obj
 
 
 def _join(prefix: str, name: str) -> str:
@@ -142,8 +162,10 @@ def _deepcopy(d):
     return {k: _deepcopy(v) for k, v in d.items()} if isinstance(d, dict) else d
 
 
-def load_dataclass(cls, source: dict | str | Path | None, overrides: list[str] | None = None):
-    """Build `cls` from a YAML file path or a dict, after applying `overrides`."""
+def load_dataclass(cls, source: dict | str | Path | None, overrides: list[str] | None = None,
+                   allow_inf: frozenset | set = frozenset()):
+    """Build `cls` from a YAML file path or a dict, after applying `overrides`. Every float key must be
+    finite, except the full key paths in `allow_inf` (which may be +-inf; NaN never)."""
     if source is None:
         data = {}
     elif isinstance(source, dict):
@@ -155,7 +177,7 @@ def load_dataclass(cls, source: dict | str | Path | None, overrides: list[str] |
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return _build(cls, apply_overrides(data, overrides or []))
+    return _build(cls, apply_overrides(data, overrides or []), allow_inf=frozenset(allow_inf))
 
 
 def to_dict(obj) -> Any:

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 
@@ -61,7 +62,7 @@ def test_bad_lines_error_names_file_and_line(tok, tmp_path):
         PromptDataset(DataConfig(train_path=str(path)), tok)
 
 
-def test_skip_mode_and_overlong_prompts_are_counted(tok, tmp_path):
+def test_skip_mode_and_overlong_prompts_are_counted(tok, tmp_path, caplog):
     long_prompt = {"prompt": "What is 1 + 1? " * 40, "answer": "2"}
     path = write_jsonl(tmp_path / "mixed.jsonl",
                        [ROWS[0], "{oops", {"question": "no prompt"}, "[1, 2]", long_prompt, ROWS[1],
@@ -69,10 +70,35 @@ def test_skip_mode_and_overlong_prompts_are_counted(tok, tmp_path):
     ds = PromptDataset(DataConfig(train_path=str(path), on_bad_line="skip"), tok, max_prompt_tokens=32)
     assert ds.stats == {"rows": 7, "bad_records_skipped": 4, "too_long_skipped": 1, "kept": 2}
     assert [r.index for r in ds.records] == [0, 5]          # stable ids are file rows
-    # an over-long prompt is skipped (not an error) in error mode too
+    # an over-long prompt is skipped (not an error) in error mode too, warned with its file:line
     path2 = write_jsonl(tmp_path / "long.jsonl", [ROWS[0], long_prompt])
-    ds2 = PromptDataset(DataConfig(train_path=str(path2)), tok, max_prompt_tokens=32)
+    with caplog.at_level(logging.WARNING, logger="megatron_rl.trainer.data"):
+        ds2 = PromptDataset(DataConfig(train_path=str(path2)), tok, max_prompt_tokens=32)
     assert ds2.stats["too_long_skipped"] == 1 and len(ds2) == 1
+    assert f"1 of 2 prompts are longer than 32 tokens (rollout.max_prompt_length)" in caplog.text
+    assert f"first: {path2}:2 (" in caplog.text
+
+
+def test_skipped_prompts_are_reported_once_per_epoch(tok, tmp_path, caplog):
+    """The loop's side (Rollouts.take): data/too_long_skipped on each epoch's first step, one warning."""
+    from megatron_rl.trainer.rollouts import Rollouts
+
+    long_prompt = {"prompt": "What is 1 + 1? " * 40, "answer": "2"}
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS[:3] + [long_prompt])
+    rollouts = Rollouts.__new__(Rollouts)          # the data part only: no tokenizer download, no engine
+    rollouts.dataset = PromptDataset(DataConfig(train_path=str(path)), tok, max_prompt_tokens=32)
+    rollouts._data_epoch = None
+    loader = PromptLoader(rollouts.dataset, batch_size=2)
+    logged = []
+    caplog.clear()                                  # the load's own warning
+    with caplog.at_level(logging.WARNING, logger="megatron_rl.trainer.rollouts"):
+        for _ in range(4):                          # 3 prompts, 2 a step: epochs 0, 1, 1, 2
+            loader.next_batch()
+            logged.append(rollouts._data_stats(loader.state_dict()["epoch"]))
+    assert [m.get("data/epoch") for m in logged] == [0, 1, None, 2]
+    assert all(m["data/too_long_skipped"] == 1 for m in logged if m)
+    assert caplog.text.count("prompts are longer than 32 tokens") == 3
+    assert f"{path}:4 (" in caplog.text
 
 
 def test_order_is_deterministic_and_resumable(tok, tmp_path):

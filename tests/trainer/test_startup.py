@@ -109,3 +109,37 @@ def test_loss_and_optimizer_settings_the_job_cannot_run_are_refused_at_load(job,
 def test_the_engines_return_top_k_exactly_when_the_loss_needs_it(job, tmp_path):
     assert _cfg(job, tmp_path, **{"loss.mode": "dppo_topk_tv", "loss.topk": 5}).logprobs_topk == 5
     assert _cfg(job, tmp_path, **{"loss.mode": "dppo_binary_tv", "loss.anchor": "old"}).logprobs_topk == 0
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"train.lr": ".nan"}, "config key `train.lr` must be a finite number, got nan"),
+    ({"train.lr": ".inf"}, "config key `train.lr` must be a finite number, got inf"),
+    ({"train.clip_grad": "inf"}, "config key `train.clip_grad` must be a finite number, got inf"),
+    ({"rollout.temperature": ".nan"}, "config key `rollout.temperature` must be a finite number"),
+    ({"loss.tis_cap": ".inf"}, "`loss`: LossConfig.tis_cap: got inf"),   # LossConfig: no cap is null
+    ({"reward.timeout_s": ".inf"}, "config key `reward.timeout_s` must be a finite number"),
+    ({"reward.timeout_s": 0}, "`reward.timeout_s` must be > 0"),
+    ({"reward.step_timeout_s": -1}, "`reward.step_timeout_s` must be > 0"),
+])
+def test_non_finite_and_bad_numbers_are_refused_at_load_naming_the_key(job, tmp_path, change, needle):
+    with pytest.raises(ValueError) as e:
+        _cfg(job, tmp_path, **change)
+    assert needle in str(e.value)
+
+
+def test_inf_is_allowed_where_it_means_something(job, tmp_path):
+    # loss.delta_b = inf: the DPPO limit of the prefix-average budget
+    assert _cfg(job, tmp_path, **{"loss.delta_b": ".inf"}).loss.delta_b == float("inf")
+    cfg = _cfg(job, tmp_path)
+    assert (cfg.reward.timeout_s, cfg.reward.step_timeout_s) == (30.0, 600.0)
+
+
+def test_a_top_k_larger_than_the_vocabulary_is_refused_at_start_up(job, tmp_path):
+    vocab = json.loads((Path(job["hf"]) / "config.json").read_text())["vocab_size"]
+    cfg = _cfg(job, tmp_path, **{"loss.mode": "dppo_topk_tv", "loss.topk": vocab + 1})
+    with pytest.raises(ValueError) as e:
+        cfg.check_startup(world_size=1)
+    assert f"`loss.topk` = {vocab + 1} is larger than the model's vocabulary (vocab_size = {vocab})" in str(e.value)
+    _cfg(job, tmp_path, **{"loss.mode": "dppo_topk_tv", "loss.topk": vocab}).check_startup(world_size=1)
+    # a mode without top-K asks the engines for none: its loss.topk is unused and not checked
+    _cfg(job, tmp_path, **{"loss.mode": "dppo_binary_tv", "loss.topk": vocab + 1}).check_startup(world_size=1)

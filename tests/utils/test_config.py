@@ -71,3 +71,25 @@ class WithRequired:
 def test_required_key_is_named():
     with pytest.raises(ConfigError, match="config key\\(s\\) `inner` required but not given"):
         load_dataclass(WithRequired, {"steps": 2})
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"lr": float("nan")}, "config key `lr` must be a finite number, got nan"),
+    ({"lr": "inf"}, "config key `lr` must be a finite number, got inf"),          # a string, as YAML may give
+    ({"lr": 1e400}, "config key `lr` must be a finite number, got inf"),           # overflows to inf
+    ({"inner": {"cap": float("-inf")}}, "config key `inner.cap` must be a finite number, got -inf"),  # Optional
+])
+def test_float_keys_must_be_finite(data, needle):
+    with pytest.raises(ConfigError) as err:
+        load_dataclass(Outer, data)
+    assert needle in str(err.value)
+
+
+def test_a_caller_may_allow_inf_for_named_keys_but_never_nan(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  cap: .inf\n")
+    assert load_dataclass(Outer, path, allow_inf={"inner.cap"}).inner.cap == float("inf")
+    with pytest.raises(ConfigError, match="`inner.cap` must be a finite number, got nan"):
+        load_dataclass(Outer, {"inner": {"cap": ".nan"}}, ["inner.cap=.nan"], allow_inf={"inner.cap"})
+    with pytest.raises(ConfigError, match="`lr` must be a finite number"):   # only the named key
+        load_dataclass(Outer, {"lr": "inf"}, allow_inf={"inner.cap"})
