@@ -213,10 +213,15 @@ class CheckpointSection:
     keep: int = 2                 # newest checkpoints kept
     resume: bool = True           # continue from the newest checkpoint in the run dir
     export_hf: bool = True        # write the final policy as an HF checkpoint
+    # the newest checkpoint does not verify at resume: "error" stops the run (saying how to choose
+    # "previous"); "previous" loads the newest older one that verifies, logging what was skipped and why
+    on_damaged: str = "error"
 
     def __post_init__(self):
         if self.every < 0 or self.keep < 1:
             raise ValueError("`checkpoint.every` must be >= 0 and `checkpoint.keep` >= 1")
+        if self.on_damaged not in ("error", "previous"):
+            raise ValueError(f"`checkpoint.on_damaged` must be 'error' or 'previous', got {self.on_damaged!r}")
 
 
 @dataclass

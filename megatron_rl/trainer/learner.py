@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from megatron_rl.convert import read_metadata
 from megatron_rl.losses import LossConfig
-from megatron_rl.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_rl.megatron.checkpoint import load_newest, save_checkpoint
 from megatron_rl.megatron.hf_checkpoint import export_hf, hf_to_megatron, iter_hf_tensors, load_weights
 from megatron_rl.megatron.model import build_model, resolve_use_te
 from megatron_rl.megatron.packing import TrainingSample
@@ -38,6 +38,7 @@ from megatron_rl.rollout.mismatch import ProbeCheck, compare_probe, logprob_mism
 from megatron_rl.rollout.types import Rollout
 from megatron_rl.trainer.config import CheckpointSection, RLConfig
 from megatron_rl.utils.config import to_dict
+from megatron_rl.utils.tracking import truncate_jsonl
 
 
 def init_world() -> tuple[int, int]:
@@ -87,7 +88,8 @@ class Learner:
         self.loss: LossConfig = cfg.loss
         self.temperature = cfg.rollout.temperature   # the sampler's: pi is scored at mu's temperature
         self.checkpoints: CheckpointSection = cfg.checkpoint
-        self.checkpoint_root = Path(cfg.run_dir) / "checkpoints"
+        self.run_dir = Path(cfg.run_dir)
+        self.checkpoint_root = self.run_dir / "checkpoints"
         self.export_dir = Path(cfg.run_dir) / "hf_final"
         self.run_config = to_dict(cfg)   # written into every checkpoint
         self.step = 0
@@ -271,16 +273,32 @@ class Learner:
         dist.barrier()
 
     def resume(self) -> Optional[dict]:
-        """Load the newest complete checkpoint under run_dir/checkpoints (checkpoint.resume); `step`
-        becomes its RL step. Returns its prompt-loader position, or None for a fresh start."""
-        path = latest_checkpoint(self.checkpoint_root) if self.checkpoints.resume else None
-        if path is None:
+        """Load the newest complete checkpoint under run_dir/checkpoints (checkpoint.resume; a damaged one
+        per checkpoint.on_damaged); `step` becomes its RL step. Returns its prompt-loader position, or
+        None for a fresh start. The run's metrics.jsonl / rollouts.jsonl lose their rows of the steps
+        after it (those steps run again), so each step appears once."""
+        if not self.checkpoints.resume:
             return None
-        extra = load_checkpoint(path, self.actor).get("extra", {})
-        self.step = self._first_step = int(extra["trainer_step"])
+        path, manifest, skipped = load_newest(self.checkpoint_root, self.actor, self.checkpoints.on_damaged)
         if dist.get_rank() == 0:
-            print(f"resumed from {path} at step {self.step}", flush=True)
-        return extra["data"]
+            for bad, why in skipped:
+                print(f"checkpoint.on_damaged=previous: skipped {bad}: {why}", flush=True)
+        if path is None and skipped:
+            raise RuntimeError(f"no checkpoint under {self.checkpoint_root} verifies (all {len(skipped)} are "
+                               "damaged, see above); remove them to start from the base model")
+        extra = manifest.get("extra", {}) if path is not None else {}
+        self.step = self._first_step = int(extra.get("trainer_step", 0))
+        if dist.get_rank() == 0:
+            # the rows of steps >= step come from the interrupted process (logged after its last
+            # checkpoint, or before its first): they are written again now
+            for name in ("metrics.jsonl", "rollouts.jsonl"):
+                dropped = truncate_jsonl(self.run_dir / name, before_step=self.step)
+                if dropped:
+                    print(f"{name}: dropped {dropped} row(s) of steps >= {self.step} (run again)", flush=True)
+            if path is not None:
+                print(f"resumed from {path} at step {self.step}", flush=True)
+        dist.barrier()   # the files are trimmed before rank 0's Tracker / Rollouts append to them
+        return extra["data"] if path is not None else None
 
 
 def rollout_to_samples(rollout, advantages: torch.Tensor, topk: int) -> list[TrainingSample]:

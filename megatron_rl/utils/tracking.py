@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -151,6 +152,36 @@ class Tracker:
             self._tb.close()
         if self._wandb:
             self._wandb.finish()
+
+
+def truncate_jsonl(path: str | Path, before_step: int) -> int:
+    """Keep only the rows of `path` with "step" < before_step (and lines that parse: a kill mid-write
+    leaves a torn last line), atomically: a temp file beside it, fsynced, renamed over it. A crash
+    leaves the old file or the new one, never a mix. Returns how many rows were dropped (0: untouched)."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            step = row["step"]
+        except (ValueError, KeyError, TypeError):
+            dropped += 1 if line.strip() else 0
+            continue
+        if isinstance(step, int) and step < before_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if not dropped:
+        return 0
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return dropped
 
 
 def _plain(v):
