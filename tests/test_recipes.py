@@ -103,7 +103,9 @@ def test_dry_run_resolves_and_the_planner_accepts(accepted):
     for rank, host, argv in convert:
         assert argv[:6] == ["torchrun", f"--nnodes={conv_nodes}", f"--nproc-per-node={min(8, tp * pp)}",
                             f"--node-rank={rank}", "--master-addr=gpu001", argv[5]]
-        assert argv[6:] == ["tools/convert_hf_to_megatron.py", "--hf-dir", f"models/{model_dir}", "--out",
+        # every rank's output also in its own file, for the failure report (tests/test_launch_slurm.py)
+        assert argv[6:8] == [f"--log-dir={log_dir}/ranks/convert/node{rank}", "--tee=3"]
+        assert argv[8:] == ["tools/convert_hf_to_megatron.py", "--hf-dir", f"models/{model_dir}", "--out",
                             f"checkpoints/{recipe}-tp{tp}pp{pp}", "--tp", str(tp), "--pp", str(pp)]
 
     train = step_lines(out, "train")
@@ -113,7 +115,8 @@ def test_dry_run_resolves_and_the_planner_accepts(accepted):
         assert argv[:5] == ["torchrun", f"--nnodes={nodes}", "--nproc-per-node=8", f"--node-rank={rank}",
                             "--master-addr=gpu001"]
         ports.add(argv[5])
-        assert argv[6:] == ["-m", "megatron_rl.trainer.cli", "train", "--config", config]
+        assert argv[6:8] == [f"--log-dir={log_dir}/ranks/train/node{rank}", "--tee=3"]
+        assert argv[8:] == ["-m", "megatron_rl.trainer.cli", "train", "--config", config]
     assert len(ports) == 1 and ports != {convert[0][2][5]}     # one rendezvous per step
     srun = [line for line in out.splitlines() if line.startswith("== step train:")][0]
     assert f"--output={log_dir}/train.node%n.%N.log" in srun and f"--nodes={nodes}" in srun
@@ -127,7 +130,7 @@ def test_dry_run_refuses_a_too_small_cluster_with_the_reason(recipe, tmp_path):
     assert proc.returncode == 1
     assert "REJECTED" in proc.stdout and reason in proc.stdout, proc.stdout
     assert "what would fit (one change each)" in proc.stdout
-    assert "the planner refused (exit 1; 1: the layout does not fit" in proc.stdout
+    assert "the planner refused (exit 1: the layout does not fit" in proc.stdout
     assert "nothing was launched" in proc.stdout
     assert "== step" not in proc.stdout
 
@@ -170,7 +173,9 @@ def test_what_srun_executes_is_what_the_dry_run_printed(tmp_path):
     common = dict(CKPT_DIR=str(ckpt), EXTRA_OVERRIDES="data.train_path=/data/with\\ space.jsonl",
                   MASTER_PORT="31000")
     dry = dry_run("qwen2.5-32b", 4, tmp_path, **common)
-    real = dry_run("qwen2.5-32b", 4, tmp_path, DRY_RUN="", PATH=f"{bin_dir}:{os.environ['PATH']}", **common)
+    # GPUS_PER_NODE: this CPU box would otherwise be detected as a CPU node (tests/test_launch_slurm.py)
+    real = dry_run("qwen2.5-32b", 4, tmp_path, DRY_RUN="", PATH=f"{bin_dir}:{os.environ['PATH']}",
+                   GPUS_PER_NODE="8", **common)
     assert dry.returncode == 0 and real.returncode == 0, real.stdout + real.stderr
     printed = [" ".join(shlex.quote(a) for a in argv) for _, _, argv in step_lines(dry.stdout, "train")]
     ran = [" ".join(shlex.quote(a) for a in shlex.split(x[4:])) for x in real.stdout.splitlines() if x.startswith("RAN ")]

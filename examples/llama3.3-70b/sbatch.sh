@@ -10,16 +10,27 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 # RLVR with DPPO: Llama-3.3-70B-Instruct on eight 8-GPU nodes. Settings: examples/llama3.3-70b/config.yaml.
-#   sbatch examples/llama3.3-70b/sbatch.sh                 submit from the repository root
+#   sbatch examples/llama3.3-70b/sbatch.sh                 from anywhere (the repository is found: see below)
 #   DRY_RUN=1 bash examples/llama3.3-70b/sbatch.sh         print every node's commands, run nothing
 # Environment overrides: see examples/common/launch.sh. Per-job logs: logs/<job id>/restart<k>/.
 # --requeue + --signal: 5 minutes before the time limit the job requeues itself and the RL loop
 # resumes from its newest checkpoint in run_dir (checkpoint.resume: true).
 set -euo pipefail
-# sbatch runs a spool copy of this file: find the repository from REPO_DIR, this file, or the submit dir
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-if [[ -z ${REPO_DIR:-} ]]; then
-  if [[ -f $here/../common/launch.sh ]]; then REPO_DIR=$(cd "$here/../.." && pwd); else REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}; fi
+# Where the repository is: sbatch runs a spool copy of this file (its own path says nothing), so: REPO_DIR if
+# set (sbatch --export=ALL,REPO_DIR=/path/to/repo), else the submitted script's path (`scontrol show job`:
+# Command=, what `sbatch examples/x/sbatch.sh` was given, from wherever), else this file's own path (dry runs).
+# The recipe directory is the submitted script's: a recipe kept outside the repository needs REPO_DIR.
+self=${BASH_SOURCE[0]}
+if [[ -n ${SLURM_JOB_ID:-} ]] && command -v scontrol >/dev/null 2>&1; then
+  submitted=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n1)
+  [[ -n $submitted && -f $submitted ]] && self=$submitted
+fi
+here=$(cd "$(dirname "$self")" && pwd)
+REPO_DIR=${REPO_DIR:-$(cd "$here/../.." && pwd)}
+if [[ ! -f $REPO_DIR/examples/common/launch.sh ]]; then
+  echo "launch: error: $REPO_DIR is not the megatron_rl repository (recipe $here): submit with" \
+       "sbatch --export=ALL,REPO_DIR=/path/to/megatron_rl $self" >&2
+  exit 1
 fi
 source "$REPO_DIR/examples/common/launch.sh"
-launch_recipe "$REPO_DIR/examples/llama3.3-70b"
+launch_recipe "$here"

@@ -54,10 +54,15 @@ def train(cfg: RLConfig) -> list[dict]:
     rollouts = Rollouts(cfg, learner.hf_dir, data_state, version=start)   # prompts, reward, engines
     tracker = Tracker(cfg.run_dir, cfg.train.steps, cfg.logging, to_dict(cfg), active=rank == 0)
     probe = WeightProbe.from_config(cfg, rollouts.dataset, start)
-    if start > 0:   # the engines started from the base weights
+    # a request that came during start-up (build, resume, engine start: minutes) is honoured now, not after a
+    # whole step: nothing has trained since the resumed checkpoint, so there is nothing to save or sync
+    stopped_at_start = stop.requested()
+    if stopped_at_start:
+        stop.announce(None)
+    elif start > 0:   # the engines started from the base weights
         sync(learner, rollouts, probe)
 
-    for step in range(start, cfg.train.steps):
+    for step in range(start, start if stopped_at_start else cfg.train.steps):
         timer = PhaseTimer()
         with timer("generate", tracker, step):   # lag 1: only the wait for a rollout submitted last step
             batch = rollouts.take(step)
@@ -101,17 +106,23 @@ class StopRequest:
     `requested()` is a collective (one tiny all-reduce), so every rank stops after the same step."""
 
     def __init__(self, run_dir: Path):
+        import os
         import signal
 
         import psutil
 
         self.path, self.reason, self._signalled = run_dir / "STOP", "", False
-        # left by the run this one resumes: older than this process (one written since is a live request)
-        if dist.get_rank() == 0 and self.path.exists() and \
-                self.path.stat().st_mtime < psutil.Process().create_time():
+        # first: a signal from now on counts (launch.sh runs the ranks with SIGUSR1 ignored until here, and
+        # writes STOP for one that came earlier)
+        self._previous = signal.signal(signal.SIGUSR1, self._on_signal)
+        # left by the run this one resumes: older than this process, or than the launcher's start of this step
+        # (MRL_STOP_SINCE, epoch seconds: a STOP written while torchrun was starting the ranks is live)
+        since = psutil.Process().create_time()
+        if os.environ.get("MRL_STOP_SINCE", "").isdigit():
+            since = min(since, float(os.environ["MRL_STOP_SINCE"]))
+        if dist.get_rank() == 0 and self.path.exists() and self.path.stat().st_mtime < since:
             self.path.unlink()
         dist.barrier()
-        self._previous = signal.signal(signal.SIGUSR1, self._on_signal)
 
     def _on_signal(self, *_):
         self._signalled = True
@@ -125,8 +136,12 @@ class StopRequest:
             self.reason = "SIGUSR1" if flags[0] else f"file {self.path}"
         return bool(flags.any())
 
-    def announce(self, step: int) -> None:
-        if dist.get_rank() == 0:
+    def announce(self, step) -> None:
+        """`step` None: the request came during start-up, before any step (the state is the resumed one's)."""
+        if dist.get_rank() == 0 and step is None:
+            print(f"stopped on request ({self.reason}) during start-up, before the first step: nothing new to "
+                  "save; the next start resumes from the newest checkpoint", flush=True)
+        elif dist.get_rank() == 0:
             print(f"stopped on request ({self.reason}) after step {step}: checkpoint saved; the next "
                   "start resumes from it", flush=True)
 
