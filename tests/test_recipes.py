@@ -159,14 +159,18 @@ def test_environment_overrides_reach_the_planner_and_every_node(tmp_path):
 
 def test_what_srun_executes_is_what_the_dry_run_printed(tmp_path):
     """A real (non-dry) launch with srun and torchrun faked: srun runs `launch.sh node` once per node of its
-    --nodelist with SLURM's per-task variables; the fake torchrun prints its arguments."""
+    --nodelist with SLURM's per-task variables; the fake torchrun prints its arguments (and a digest of the
+    per-job control-channel secret it was given)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(
         "#!/bin/bash\nwhile [[ $1 == --* ]]; do [[ $1 == --nodelist=* ]] && list=${1#--nodelist=}; shift; done\n"
         "IFS=, read -ra hs <<< \"$list\"\n"
         "for i in \"${!hs[@]}\"; do SLURMD_NODENAME=${hs[$i]} SLURM_NODEID=$i \"$@\"; done\n")
-    (bin_dir / "torchrun").write_text("#!/bin/bash\nprintf 'RAN %s\\n' \"$(printf '%q ' torchrun \"$@\")\"\n")
+    # the fake torchrun also reports a digest of the control-channel secret it received (never the secret)
+    (bin_dir / "torchrun").write_text(
+        "#!/bin/bash\nprintf 'RAN %s\\n' \"$(printf '%q ' torchrun \"$@\")\"\n"
+        "printf 'SECRET %s %s\\n' \"${#MEGATRON_RL_SECRET}\" \"$(printf %s \"$MEGATRON_RL_SECRET\" | sha256sum | cut -c1-16)\"\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     ckpt = converted(tmp_path / "converted", "Qwen2.5-32B")
@@ -183,6 +187,10 @@ def test_what_srun_executes_is_what_the_dry_run_printed(tmp_path):
     assert "--node-rank=3" in ran[3] and "data.train_path=/data/with space.jsonl" in shlex.split(ran[0])
     log_dir = tmp_path / "logs" / "4242" / "restart0"
     assert "ACCEPTED" in (log_dir / "plan.txt").read_text() and (log_dir / "plan.env").is_file()
+    # one per-job secret (64 hex chars) reached every node's step; the launcher never prints it
+    secrets = {x for x in real.stdout.splitlines() if x.startswith("SECRET ")}
+    assert len(secrets) == 1 and next(iter(secrets)).split()[1] == "64", secrets
+    assert "MEGATRON_RL_SECRET=" not in real.stdout + real.stderr
 
 
 def test_nodelist_expansion_without_scontrol():
