@@ -204,7 +204,9 @@ def test_launch_sh_places_engines_on_the_last_nodes(tmp_path):
     srun = [x for x in out.splitlines() if x.startswith("== step engines:")][0]
     assert "--nodelist=gpu005" in srun and "--nodes=1" in srun
 
-    real = subprocess.run(["bash", sbatch], env={**env, "DRY_RUN": "", "PATH": f"{fake}:{os.environ['PATH']}"},
+    # GPUS_PER_NODE: a real launch on this GPU-less box would otherwise detect a CPU node (test_launch_slurm.py)
+    real = subprocess.run(["bash", sbatch], env={**env, "DRY_RUN": "", "PATH": f"{fake}:{os.environ['PATH']}",
+                                                 "GPUS_PER_NODE": "8"},
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert real.returncode == 0, real.stdout + real.stderr
     ran = [shlex.split(x[4:]) for x in real.stdout.splitlines() if x.startswith("RAN ")]
