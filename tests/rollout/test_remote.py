@@ -258,8 +258,11 @@ def test_engines_refuse_unauthenticated_peers_and_keep_serving(cluster, tiny_mod
 def test_a_killed_engine_is_named_not_waited_for(cluster, tiny_model, original):   # keep LAST
     client, procs = cluster
     prompts = prompt_ids(tiny_model[1], QUESTIONS) * 4
+    # stopped first, so the request is in flight whatever the machine's speed (a fast engine could
+    # otherwise answer before the kill), then killed: the server and its vLLM engine core
+    os.killpg(procs[1].pid, signal.SIGSTOP)
     handle = client.submit(prompts, step=9)
-    os.killpg(procs[1].pid, signal.SIGKILL)                  # the server and its vLLM engine core
+    os.killpg(procs[1].pid, signal.SIGKILL)
     t0 = time.monotonic()
     with pytest.raises(EngineError, match=r"(?s)rollout engine 1 of 2 .*control connection closed") as err:
         handle.result()
