@@ -41,6 +41,7 @@ import time
 import traceback
 from typing import Optional
 
+import psutil     # imported up front: the kill path runs in signal handlers, where an import can be re-entered
 import torch
 
 from megatron_rl.rollout.remote_comm import (SECRET_ENV, AuthError, Channel, StreamAborted, WeightGroup, listen_socket,
@@ -70,8 +71,6 @@ def kill_descendants() -> None:
     """SIGKILL every process below this one (vLLM's engine core and its workers) and, when this process
     leads its own process group, the rest of the group (children that were re-parented away), but not
     this process itself."""
-    import psutil     # a vLLM dependency, so always present where a server runs
-
     try:
         kids = psutil.Process().children(recursive=True)
     except psutil.Error:
@@ -93,7 +92,15 @@ def kill_descendants() -> None:
     psutil.wait_procs(kids, timeout=5)
 
 
+_dying = threading.Event()
+
+
 def _die(code: int, why: str) -> None:
+    """Kill the descendants and exit, once: the death signal's handler and the watchdog thread can both
+    fire (and a handler can interrupt the first caller); only the first one acts, the others return."""
+    if _dying.is_set():
+        return
+    _dying.set()
     log.warning("%s: killing my descendants and exiting", why)
     logging.shutdown()
     kill_descendants()
