@@ -31,11 +31,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import weakref
 from multiprocessing.connection import Connection
 from typing import Any, Optional, Sequence
+
+from megatron_rl.utils import lifetime
 
 log = logging.getLogger(__name__)
 
@@ -188,32 +189,14 @@ def _close_all() -> None:
 
 
 # ---- the child --------------------------------------------------------------------------------------------
-def _die_with_parent(parent_pid: int) -> None:
-    try:   # Linux: the kernel SIGKILLs us when the parent (thread) that started us exits
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG = 1
-    except Exception:
-        pass
-    if os.getppid() != parent_pid:   # it died before prctl took effect
-        os._exit(1)
-
-    def watchdog():   # elsewhere, or if the parent thread outlived the process: re-parented means orphaned
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent_pid:
-                os._exit(1)
-
-    threading.Thread(target=watchdog, daemon=True).start()
-
-
 def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:500]
 
 
 def _child_main(argv: list[str]) -> None:
     recv_fd, send_fd, fn_path, parent_pid = int(argv[0]), int(argv[1]), argv[2], int(argv[3])
-    _die_with_parent(parent_pid)
+    # SIGKILL from the kernel when the parent dies; the watchdog when re-parented (utils/lifetime.py)
+    lifetime.tie_to_parent(parent_pid, signal.SIGKILL, lambda why: os._exit(1))
     recv, send = Connection(recv_fd, writable=False), Connection(send_fd, readable=False)
     try:
         from megatron_rl.rewards.base import load_reward_fn

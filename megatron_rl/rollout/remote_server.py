@@ -46,6 +46,7 @@ import torch
 
 from megatron_rl.rollout.remote_comm import (SECRET_ENV, AuthError, Channel, StreamAborted, WeightGroup, listen_socket,
                                              load_secret, parse_address, server_handshake, verify_signature)
+from megatron_rl.utils import lifetime
 
 log = logging.getLogger(__name__)
 SETTINGS_KEY, SETTINGS_MAC_KEY = "mrl/settings", "mrl/settings_mac"
@@ -54,18 +55,6 @@ HANDSHAKE_TIMEOUT_S = 10.0            # a peer that connects and stays silent mu
 
 
 # ---- process lifetime ----------------------------------------------------------------------------------
-
-def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
-    """prctl(PR_SET_PDEATHSIG, sig): the kernel sends `sig` to this process when its parent (strictly:
-    the parent's thread that forked it) exits, however it exits (kill -9 included). Linux only; False
-    elsewhere. Kept across exec, so it also holds for a server started by a launcher's Popen."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.prctl(1, int(sig), 0, 0, 0) == 0      # 1 = PR_SET_PDEATHSIG
-
 
 def kill_descendants() -> None:
     """SIGKILL every process below this one (vLLM's engine core and its workers) and, when this process
@@ -113,18 +102,8 @@ def tie_to_parent(poll_s: float = 1.0) -> None:
     runs when the main thread returns to Python, and a parent that died before the prctl call sends no
     signal). The expected parent is $MRL_PARENT_PID when the starter set it, else the current one."""
     parent = int(os.environ.get(PARENT_PID_ENV) or os.getppid())
-    set_parent_death_signal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda *_: _die(143, "SIGTERM"))
-
-    def watch() -> None:
-        while True:
-            if os.getppid() != parent:
-                _die(1, f"parent process {parent} is gone")
-            time.sleep(poll_s)
-
-    if os.getppid() != parent:
-        _die(1, f"parent process {parent} exited before I started")
-    threading.Thread(target=watch, name="mrl-parent-watchdog", daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: _die(143, "SIGTERM"))   # before arming: it may come at once
+    lifetime.tie_to_parent(parent, signal.SIGTERM, lambda why: _die(1, why), poll_s)
 
 
 def child_env(environ=None, **extra) -> dict:
@@ -400,7 +379,7 @@ def node_main(args: argparse.Namespace) -> int:
     """K engine servers on this node, each on its own T GPUs (a slice of CUDA_VISIBLE_DEVICES when SLURM
     set one); the first to fail brings the others down, so the step fails as a whole."""
     load_secret(what="rollout engine node")     # fail here, once, rather than in each server
-    set_parent_death_signal(signal.SIGTERM)     # srun's step dies -> this dies -> its servers die (theirs)
+    lifetime.set_parent_death_signal(signal.SIGTERM)     # srun's step dies -> this dies -> its servers die (theirs)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = visible.split(",") if visible else [str(i) for i in range(args.engines_per_node * args.gpus_per_engine)]
     procs = []
