@@ -90,7 +90,7 @@ class Learner:
         self.checkpoints: CheckpointSection = cfg.checkpoint
         self.run_dir = Path(cfg.run_dir)
         self.checkpoint_root = self.run_dir / "checkpoints"
-        self.export_dir = Path(cfg.run_dir) / "hf_final"
+        self.export_dir = self.run_dir / "hf_final"
         self.run_config = to_dict(cfg)   # written into every checkpoint
         self.step = 0
         self._first_step = 0            # this process's first RL step (resume moves it)
@@ -134,7 +134,7 @@ class Learner:
         takes an equal share."""
         return self.actor.cfg.num_minibatches * self.ps.dp
 
-    def samples(self, scored: Optional[tuple[Rollout, torch.Tensor]], metrics: dict) -> list[dict]:
+    def samples(self, scored: Optional[tuple[Rollout, torch.Tensor]], metrics: dict) -> list[TrainingSample]:
         """Rank 0's scored rollout (kept samples, their advantages) as per-token training samples on every
         rank, trimmed to a multiple of `batch_unit` (logged as train/samples_trimmed, rarely non-zero)."""
         samples = None
@@ -145,7 +145,7 @@ class Learner:
             samples = samples[: len(samples) - trimmed]
         return broadcast_object(samples, src=0)
 
-    def train(self, samples: list[dict]) -> dict:
+    def train(self, samples: list[TrainingSample]) -> dict:
         """One RL step: `minibatches` optimizer steps on this rank's DP share, the anchor fixed across them.
         The metrics (on every rank) come from the last stage's reporting rank."""
         # the first step of this process samples with the weights it trains from: pi = mu but for the
@@ -176,13 +176,13 @@ class Learner:
         return broadcast_object(out, src=self.log_rank)
 
     @torch.no_grad()
-    def logprobs(self, samples: list[dict], reference: bool = False) -> Optional[list[torch.Tensor]]:
+    def logprobs(self, samples: list[TrainingSample], reference: bool = False) -> Optional[list[torch.Tensor]]:
         """Log-probs of every token under pi at the current parameters, or under the frozen reference
         (last stage; None elsewhere)."""
         fn = logprob_fn(self.model_cfg, self.ps, temperature=self.temperature)
         return (self.reference if reference else self.actor).compute_logprobs(samples, fn)
 
-    def _mismatch(self, samples: list[dict], pi: list[torch.Tensor]) -> dict:
+    def _mismatch(self, samples: list[TrainingSample], pi: list[torch.Tensor]) -> dict:
         """|pi_a - mu_a| on sampled response tokens (algorithms.md Sec. 7), reduced over the DP ranks."""
         mask = torch.cat([s.loss_mask for s in samples]) != 0
         m = logprob_mismatch(torch.cat(pi), torch.cat([s.rollout_logprobs for s in samples]), mask)
