@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_recipes import REPO, converted, dry_run, step_lines
+from tests.test_recipes import REPO, dry_run, step_lines
 
 LAUNCH = REPO / "examples" / "common" / "launch.sh"
 # srun stand-in: runs `launch.sh node` once per host of --nodelist with SLURM's per-task variables, each

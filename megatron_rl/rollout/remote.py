@@ -41,8 +41,6 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import torch
-
 from megatron_rl.rollout.engine import PROBE_STEP
 from megatron_rl.rollout.remote_comm import (SECRET_ENV, AuthError, EngineError, Link, WeightGroup, client_handshake,
                                              host_store, load_secret, new_secret, parse_address, resolve_backend, sign)
